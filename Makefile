@@ -1,19 +1,21 @@
 # The two commands: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv on first use from the pinned requirements.txt and reuse it afterwards.
+# Both create .venv on first use from the pinned requirements (requirements.txt: what runs; requirements-dev.txt:
+# that plus the test and lint tools, for `make test`) and reuse it afterwards.
 
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format install clean-venv worker web system-packages
+.PHONY: demo test lint format install clean-venv worker web system-packages gpu-wheels gpu-check
 
 # make demo SIMULATE=40 also sends 40 simulated raters and writes the report; FOIL_DEMO_BUDGET=tiny for a quick look.
 SIMULATE ?= 0
 demo: $(STAMP) system-packages
 	$(PY) manage.py demo --simulate $(SIMULATE)
 
-test: $(STAMP) system-packages
+test: $(DEV_STAMP) system-packages
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
@@ -27,6 +29,10 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 # Debian packages: the embedded default data set, docker-compose (checks docker-compose.yml), and Chromium with
 # its driver for the browser tests (Playwright drives /usr/bin/chromium; `playwright install` cannot download here).
@@ -43,18 +49,34 @@ system-packages:
 	  fi; \
 	fi
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# The development server with DEBUG on (auto-reload, debug pages); `make demo` serves like a server instead.
 web: $(STAMP)
-	$(PY) manage.py runserver 127.0.0.1:8000
+	DJANGO_DEBUG=1 $(PY) manage.py runserver 127.0.0.1:8000
 
 worker: $(STAMP)
 	$(VENV)/bin/celery -A config.celery_app worker -Q explain,default --pool=solo --loglevel=info
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU check (bench/gpu/run.py): `make gpu-wheels` here once (it needs the network), then carry var/gpu-wheels
+# with the tree to a bare GPU machine and run `make gpu-check` there (its tables land in $(GPU_OUT)).
+GPU_WHEELS := var/gpu-wheels
+GPU_PYTHON ?= python3
+GPU_OUT ?= $(if $(OUT),$(OUT),var/gpu-check)
+gpu-wheels: $(STAMP) system-packages
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d $(GPU_WHEELS) -r bench/gpu/requirements.txt
+	mkdir -p $(GPU_WHEELS)/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz $(GPU_WHEELS)/fashion-mnist/
+	du -sh $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) bench/gpu/run.py --out $(GPU_OUT)

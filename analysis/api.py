@@ -6,6 +6,8 @@ answer here is read through ``analysis.selectors``, which never reads provider i
 
 from __future__ import annotations
 
+import json
+
 from rest_framework import serializers, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -15,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from studies.models import Study
-from studies.selectors import study_list_with_counts
+from studies.selectors import study_audit_log, study_list_with_counts
 
 from .report import report_build
 from .selectors import COLUMN_NAMES, data_dictionary, responses_tidy, rows_to_csv, study_progress
@@ -44,6 +46,7 @@ class StudyOutputSerializer(serializers.ModelSerializer):
     n_explanations = serializers.IntegerField(read_only=True)
     n_assignments_started = serializers.IntegerField(read_only=True)
     n_assignments_completed = serializers.IntegerField(read_only=True)
+    n_pilot_assignments = serializers.IntegerField(read_only=True)
     n_responses = serializers.IntegerField(read_only=True)
 
     class Meta:
@@ -51,7 +54,7 @@ class StudyOutputSerializer(serializers.ModelSerializer):
         fields = [
             "id", "title", "status", "version", "design", "seed", "exclusion_rules", "n_prelearning",
             "n_learning", "n_test", "launched_at", "created_at", "n_pairs", "n_conditions", "n_explanations",
-            "n_assignments_started", "n_assignments_completed", "n_responses",
+            "n_assignments_started", "n_assignments_completed", "n_pilot_assignments", "n_responses",
         ]  # fmt: skip
 
 
@@ -88,6 +91,17 @@ class StudyViewSet(viewsets.ReadOnlyModelViewSet):
         response.data_columns = COLUMN_NAMES
         if request.accepted_renderer.format == "csv":
             response["Content-Disposition"] = f'attachment; filename="study-{pk}-responses.csv"'
+        return response
+
+    @action(detail=True, renderer_classes=[JSONRenderer, CSVRenderer, BrowsableAPIRenderer])
+    def audit(self, request: Request, pk: str | None = None) -> Response:
+        """The study's audit log (every researcher change, oldest first), exported beside the responses."""
+        rows = [
+            {**e, "detail": json.dumps(e["detail"], sort_keys=True)}
+            for e in study_audit_log(study=self.get_object())
+        ]
+        response = Response(rows)
+        response.data_columns = ["at", "user", "action", "detail"]
         return response
 
     @action(detail=True, url_path="data-dictionary", renderer_classes=[JSONRenderer, CSVRenderer])

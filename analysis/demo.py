@@ -22,15 +22,16 @@ from PIL import Image as PILImage
 
 from explain.models import Classifier, ClassLabel, Dataset, Explanation, Image
 from studies.models import Assignment, Block, ClassPair, Condition, Phase, Rater, Response, Study, Trial
+from studies.preregistration import plan_resolve
 
 # Table 5 of Vandenhende et al. (2022): test accuracy per method and setup.
 TABLE5 = {
     ("scout", "random"): 0.774,
-    ("scout", "semantic"): 0.628,
+    ("scout", "consistent"): 0.628,
     ("cve", "random"): 0.767,
-    ("cve", "semantic"): 0.643,
+    ("cve", "consistent"): 0.643,
     ("ours", "random"): 0.805,
-    ("ours", "semantic"): 0.821,
+    ("ours", "consistent"): 0.821,
 }
 CLASS_NAMES = ["sneaker", "ankle boot", "shirt", "t-shirt", "pullover", "coat"]
 
@@ -82,6 +83,8 @@ def demo_study_create(
         split_point="features",
         input_size=28,
     )
+    rules = {"failed_catch_trials": 1, "median_rt_below_ms": 300, "incomplete": True}
+    launched_at = timezone.now()
     study = Study.objects.create(
         title=title,
         dataset=dataset,
@@ -91,10 +94,11 @@ def demo_study_create(
         n_test=n_test,
         pairs_per_assignment=pairs_per_rater,
         seed=seed,
-        status=Study.Status.CLOSED,
-        launched_at=timezone.now(),
+        launched_at=launched_at,
         description="Simulated raters (analysis.demo); not a study of people.",
-        exclusion_rules={"failed_catch_trials": 1, "median_rt_below_ms": 300, "incomplete": True},
+        exclusion_rules=rules,
+        preregistration=plan_resolve({}, exclusion_rules=rules, frozen_at=launched_at.isoformat()),
+        preregistered_at=launched_at,
     )
     pairs = [
         ClassPair.objects.create(
@@ -143,7 +147,9 @@ def demo_study_create(
                         metrics={
                             "near_kp": float(rng.uniform(0.3, 0.6) + 0.2 * quality),
                             "same_kp": float(
-                                rng.uniform(0.1, 0.4) + 0.4 * quality + (0.1 if cell[1] == "semantic" else 0)
+                                rng.uniform(0.1, 0.4)
+                                + 0.4 * quality
+                                + (0.1 if cell[1] == "consistent" else 0)
                             ),
                             "n_edits": int(rng.integers(1, 4)),
                             "cout": float(rng.normal(0.2 + quality, 0.1)),
@@ -246,4 +252,7 @@ def demo_study_create(
                         )
                     )
     Response.objects.bulk_create(responses)
+    # Closed once its design is complete: a closed study's pairs and conditions can no longer be added.
+    study.status = Study.Status.CLOSED
+    study.save(update_fields=["status"])
     return study

@@ -7,6 +7,7 @@ with no time stamp or software string, so the same data gives the same bytes.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import matplotlib
@@ -17,9 +18,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
-SETUP_STYLE = {"random": ("#1f77b4", "o"), "semantic": ("#d62728", "s")}
+SETUP_STYLE = {"random": ("#1f77b4", "o"), "consistent": ("#d62728", "s")}
 PNG_METADATA = {"Software": None}
+ACCURACY_TOP = 1.04  # accuracy axes end a little above 1.0 so a marker there is not cut in half
 
 
 def _style(setup: str, i: int) -> tuple[str, str]:
@@ -32,11 +35,12 @@ def _empty(fig: Figure, message: str) -> Figure:
 
 
 def accuracy_figure(accuracy: pd.DataFrame, *, subtitle: str = "") -> Figure:
-    """Test accuracy per method (x) and setup (colour) with rater-bootstrap 95% intervals (thick) and Wilson
-    intervals (thin)."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.1, top=0.84)
-    ax.set_title("Test accuracy per method and pair-selection setup" + (f"\n{subtitle}" if subtitle else ""))
+    """Test accuracy per method (x) and setup (colour) with 95% Wilson intervals on the effective number of
+    answers (the design effect of the raters' ICC); the legend sits beside the axes, off the data."""
+    fig, ax = plt.subplots(figsize=(7.2, 3.9))
+    fig.subplots_adjust(left=0.1, right=0.78, bottom=0.12, top=0.82)
+    title = "Test accuracy per method and pair-selection setup"
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     if accuracy.empty:
         ax.set_axis_off()
         return _empty(fig, "no test responses yet")
@@ -48,52 +52,65 @@ def accuracy_figure(accuracy: pd.DataFrame, *, subtitle: str = "") -> Figure:
         part = accuracy[accuracy["setup"] == setup].set_index("method").reindex(methods)
         x = np.arange(len(methods)) + (i - (len(setups) - 1) / 2) * width
         y = part["accuracy"].to_numpy(float)
-        ax.errorbar(x, y, yerr=[y - part["wilson_low"], part["wilson_high"] - y], fmt="none", ecolor=colour,
-                    elinewidth=0.8, capsize=2, alpha=0.6)  # fmt: skip
-        ax.errorbar(x, y, yerr=[y - part["bootstrap_low"], part["bootstrap_high"] - y], fmt=marker,
-                    color=colour, elinewidth=2.2, capsize=0, label=setup)  # fmt: skip
+        low, high = part["effective_low"].to_numpy(float), part["effective_high"].to_numpy(float)
+        ax.errorbar(x, y, yerr=[y - low, high - y], fmt=marker, color=colour, elinewidth=1.6, capsize=3,
+                    label=setup)  # fmt: skip
     ax.axhline(0.5, color="0.6", lw=0.8, ls=":")
-    ax.set_xticks(np.arange(len(methods)), methods)
-    ax.set_ylim(0, 1)
+    rotated = len(methods) > 5  # long names then slant, each ending under its own tick
+    ax.set_xticks(np.arange(len(methods)), methods, rotation=30 if rotated else 0, fontsize=8,
+                  ha="right" if rotated else "center", rotation_mode="anchor")  # fmt: skip
+    if rotated:  # room below the axes for the longest slanted name (8 pt: about 0.055 in a character)
+        drop = 0.5 * 0.055 * max(len(m) for m in methods) / fig.get_figheight()
+        fig.subplots_adjust(bottom=min(0.4, 0.11 + drop))
+    ax.set_ylim(0, ACCURACY_TOP)  # a marker at accuracy 1.0 is drawn whole, not cut by the frame
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("test accuracy")
-    ax.legend(title="setup", loc="lower right", fontsize=8)
+    ax.legend(title="setup", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.text(0.8, 0.2, "bars: 95% Wilson\ninterval on the\neffective n\n(design effect)\nline: chance",
+             fontsize=7, color="0.3", va="bottom")  # fmt: skip
     return fig
 
 
 def pair_figure(by_pair: pd.DataFrame) -> Figure:
-    """Dot plot: accuracy per class pair (rows) for each method x setup."""
+    """Dot plot: accuracy per class pair (rows) for each method x setup; legend below the axes."""
     pairs = list(dict.fromkeys(by_pair["pair_label"])) if not by_pair.empty else []
-    height = 1.4 + 0.35 * max(len(pairs), 1)
-    fig, ax = plt.subplots(figsize=(6.5, height))
-    fig.subplots_adjust(left=0.3, right=0.97, bottom=0.55 / height, top=1 - 0.35 / height)
-    ax.set_title("Test accuracy per class pair")
+    cells = sorted({(m, s) for m, s in zip(by_pair["method"], by_pair["setup"], strict=True)})
+    legend_rows = math.ceil(max(len(cells), 1) / 3)
+    height = 1.6 + 0.35 * max(len(pairs), 1) + 0.22 * legend_rows
+    fig, ax = plt.subplots(figsize=(7.2, height))
+    fig.subplots_adjust(left=0.3, right=0.97, bottom=(0.75 + 0.22 * legend_rows) / height,
+                        top=1 - 0.4 / height)  # fmt: skip
+    ax.set_title("Test accuracy per class pair (points, no intervals)", fontsize=10)
     if by_pair.empty:
         ax.set_axis_off()
         return _empty(fig, "no test responses yet")
-    cells = sorted({(m, s) for m, s in zip(by_pair["method"], by_pair["setup"], strict=True)})
     markers = "osD^vP*X"
     setups = sorted({s for _, s in cells})
     methods = sorted({m for m, _ in cells})
+    # Each setup on its own line within a pair's row, so the setups' markers do not hide each other.
+    offset = {s: (i - (len(setups) - 1) / 2) * 0.5 / max(len(setups), 1) for i, s in enumerate(setups)}
     for m, s in cells:
         part = by_pair[(by_pair["method"] == m) & (by_pair["setup"] == s)]
-        y = [pairs.index(p) for p in part["pair_label"]]
+        y = [pairs.index(p) + offset[s] for p in part["pair_label"]]
         colour, _ = _style(s, setups.index(s))
         ax.scatter(part["accuracy"], y, marker=markers[methods.index(m) % len(markers)], color=colour,
                    label=f"{m} / {s}", alpha=0.8, s=28)  # fmt: skip
     ax.set_yticks(range(len(pairs)), pairs, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
+    ax.set_ylim(len(pairs) - 0.5, -0.5)  # first pair on top; every row inside the frame
+    ax.set_xlim(-0.03, ACCURACY_TOP)
+    ax.set_xticks(np.linspace(0, 1, 6))
     ax.axvline(0.5, color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("test accuracy")
-    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncols=3, fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))  # fmt: skip
     return fig
 
 
 def gain_figure(gain: pd.DataFrame) -> Figure:
-    """Pre-learning -> test accuracy per method (one line per method x setup)."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.08, top=0.9)
-    ax.set_title("Pre-learning to test accuracy (don't know counts as wrong)")
+    """Pre-learning -> test accuracy per method (one line per method x setup); legend beside the axes."""
+    fig, ax = plt.subplots(figsize=(7.2, 3.9))
+    fig.subplots_adjust(left=0.1, right=0.7, bottom=0.08, top=0.9)
+    ax.set_title("Pre-learning to test accuracy (means; don't know counts as wrong)", fontsize=10)
     if gain.empty:
         ax.set_axis_off()
         return _empty(fig, "no pre-learning and test responses yet")
@@ -107,30 +124,43 @@ def gain_figure(gain: pd.DataFrame) -> Figure:
                 label=f"{row.method} / {row.setup}")  # fmt: skip
     ax.set_xticks([0, 1], ["pre-learning", "test"])
     ax.set_xlim(-0.2, 1.2)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-0.03, ACCURACY_TOP)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7, loc="upper left", ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
-def stimuli_figure(examples: Sequence[tuple[str, np.ndarray | None, np.ndarray | None]]) -> Figure:
-    """One example learning stimulus per condition: the query (shown as class A) and distractor (class B)."""
+def stimuli_figure(
+    examples: Sequence[tuple[str, np.ndarray | None, np.ndarray | None]], *, per_row: int = 3
+) -> Figure:
+    """One example learning stimulus per condition: the query (shown as class A) and distractor (class B),
+    ``per_row`` conditions to a row so that many conditions still fit a page at a readable size."""
     n = max(len(examples), 1)
-    fig, axes = plt.subplots(n, 2, figsize=(4.2, 2.0 * n + 0.4), squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / (2.0 * n + 0.4), hspace=0.3)
-    fig.suptitle("Example learning stimuli per method (query | distractor)")
+    columns = min(per_row, n)
+    rows = math.ceil(n / columns)
+    height = 0.8 + 1.55 * rows
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.4 * columns, height), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.8 / height, hspace=0.45, wspace=0.08)
+    fig.suptitle("Example learning stimuli per condition (query | distractor)", fontsize=10,
+                 y=1 - 0.1 / height, va="top")  # fmt: skip
+    for ax in axes.ravel():
+        ax.set_axis_off()
     if not examples:
-        for ax in axes.ravel():
-            ax.set_axis_off()
         return _empty(fig, "no explanations stored")
-    for (title, query, distractor), (left, right) in zip(examples, axes, strict=True):
+    for index, (title, query, distractor) in enumerate(examples):
+        row, column = divmod(index, columns)
+        left, right = axes[row, 2 * column], axes[row, 2 * column + 1]
         for ax, image, side in ((left, query, "query"), (right, distractor, "distractor")):
-            ax.set_axis_off()
             if image is None:
                 ax.text(0.5, 0.5, "file missing", ha="center", va="center", fontsize=8, color="0.4")
             else:
                 ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-            ax.set_title(f"{title} — {side}", fontsize=8)
+            ax.set_title(side, fontsize=7, color="0.3")
+        # The condition's name centred over its two images.
+        box = Bbox.union([left.get_position(), right.get_position()])
+        fig.text((box.x0 + box.x1) / 2, box.y1 + 0.28 / height, title, ha="center", va="bottom", fontsize=8.5,
+                 weight="bold")  # fmt: skip
     return fig
 
 

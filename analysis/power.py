@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .primary import DF_CAP
+
 
 def _check(p1: float, p2: float, trials_per_rater: float, icc: float, alpha: float) -> None:
     for name, p in (("p1", p1), ("p2", p2)):
@@ -139,3 +141,75 @@ def power_table(
     assumptions = {"icc": icc, "trials_per_rater": m, "design_effect": design_effect(m, icc) if m == m else m,
                    "alpha": alpha, "target_power": target_power}  # fmt: skip
     return pd.DataFrame.from_records(records), assumptions
+
+
+def primary_power(
+    *,
+    p1: float,
+    p2: float,
+    raters: int,
+    pairs: int,
+    trials_per_pair: int = 10,
+    pairs_per_rater: int = 2,
+    rater_sd: float = 0.6,
+    pair_sd: float = 0.3,
+    alpha: float = 0.05,
+) -> float:
+    """Approximate power of the primary test (``analysis.primary``) of two methods, between subjects, with
+    ``raters`` per condition drawn over ``pairs`` class pairs.
+
+    On the accuracy scale (logit SDs times p(1 - p)): a rater's accuracy in a cell varies by ability and by
+    the binomial noise of their ``trials_per_pair * pairs_per_rater`` answers and the pair effects they met;
+    a pair's accuracy in a cell by its pair x condition effect (``pair_sd``) and the raters who saw it. The
+    test's variance is the sum of the by-rater and by-pair parts (min F'), its degrees of freedom
+    Satterthwaite's (capped as the test caps them), and the power that of a two-sided t with that
+    non-centrality. When the exact permutation
+    of R vs R raters cannot reach ``alpha`` (2 / C(2R, R) > alpha, i.e. R <= 3) the power is 0.
+    """
+    _check(p1, p2, trials_per_pair, 0.0, alpha)
+    if raters < 2 or pairs < 2:
+        raise ValueError(f"raters={raters}, pairs={pairs}: the primary test needs at least 2 of each")
+    if 2 / math.comb(2 * raters, raters) > alpha:
+        return 0.0
+    p = (p1 + p2) / 2
+    slope = p * (1 - p)
+    ability, pair_var = (slope * rater_sd) ** 2, (slope * pair_sd) ** 2
+    k = min(pairs_per_rater, pairs)
+    binomial = p * (1 - p) / (trials_per_pair * k)
+    v_rater = 2 * (ability + binomial + pair_var / k) / raters
+    units = min(pairs, raters * k)
+    raters_per_pair = max(raters * k / pairs, 1.0)
+    v_pair = 2 * (pair_var + (ability + p * (1 - p) / trials_per_pair) / raters_per_pair) / units
+    df1 = 2 * raters - 2
+    df2 = units - 1 if raters * k >= pairs else 2 * units - 2  # pairs seen in both cells: paired
+    df = (v_rater + v_pair) ** 2 / (v_rater**2 / df1 + v_pair**2 / max(df2, 1))
+    df = min(df, DF_CAP * min(df1, max(df2, 1)))  # the primary test's cap (analysis.primary)
+    nc = abs(p2 - p1) / math.sqrt(v_rater + v_pair)
+    crit = sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+
+
+def primary_plan(
+    *,
+    p1: float,
+    p2: float,
+    target: float = 0.8,
+    pair_options: Sequence[int] = (3, 5, 10, 20, 40, 80, 155),
+    max_raters: int = 200,
+    **design: float,
+) -> pd.DataFrame:
+    """For each number of class pairs, the fewest raters per condition that give the primary test ``target``
+    power (``primary_power``'s assumptions); pair counts that cannot reach it with ``max_raters`` are left
+    out. Raters and pairs are planned together: past some point more raters cannot make up for few pairs."""
+    records = []
+    for pairs in pair_options:
+        for raters in range(2, max_raters + 1):
+            value = primary_power(p1=p1, p2=p2, raters=raters, pairs=pairs, **design)
+            if value >= target:
+                records.append({"pairs": pairs, "raters_per_condition": raters, "power": value,
+                                "responses_per_condition": raters * int(design.get("pairs_per_rater", 2))
+                                * int(design.get("trials_per_pair", 10))})  # fmt: skip
+                break
+    return pd.DataFrame.from_records(
+        records, columns=["pairs", "raters_per_condition", "power", "responses_per_condition"]
+    )

@@ -41,7 +41,7 @@ EXCLUSION_RULE_NAMES = ["failed_catch_trials", "median_rt_below_ms", "incomplete
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials (Wilson 1927): centre (k + z^2/2) / (n + z^2)."""
-    if n < 0 or k < 0 or k > n:
+    if n < 0 or k < 0 or k > n + 1e-9:
         raise ValueError(f"need 0 <= k <= n for a proportion, got k={k}, n={n}")
     if n == 0:
         return (math.nan, math.nan)
@@ -138,31 +138,44 @@ def accuracy_table(
     n_boot: int = 2000,
     seed: int = 0,
     confidence: float = 0.95,
+    icc: float = 0.0,
+    min_bootstrap_raters: int = 0,
 ) -> pd.DataFrame:
-    """Accuracy per group (e.g. method x setup) with Wilson and rater-cluster-bootstrap intervals."""
+    """Accuracy per group (e.g. method x setup) with three intervals: Wilson (answers as independent), Wilson
+    on the effective number of answers n / DE with Kish's design effect DE = 1 + (m - 1) ``icc`` (m: mean
+    answers per rater in the group), and the rater-cluster bootstrap, left empty for groups of fewer than
+    ``min_bootstrap_raters`` raters (with 3 raters it has 10 distinct resamples, narrower than Wilson)."""
     records = []
     for key, group in rows.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
         k, n = int(group["correct"].sum()), len(group)
+        n_raters = int(group["rater"].nunique())
         w_lo, w_hi = wilson_interval(k, n, confidence)
-        b_lo, b_hi = cluster_bootstrap_interval(
-            group["correct"], group["rater"], n_boot=n_boot, seed=seed, confidence=confidence
-        )
+        de = 1 + (n / n_raters - 1) * icc
+        e_lo, e_hi = wilson_interval(k / de, n / de, confidence)
+        b_lo, b_hi = math.nan, math.nan
+        if n_raters >= min_bootstrap_raters:
+            b_lo, b_hi = cluster_bootstrap_interval(
+                group["correct"], group["rater"], n_boot=n_boot, seed=seed, confidence=confidence
+            )
         records.append(
             {
                 **dict(zip(by, key, strict=True)),
-                "n_raters": int(group["rater"].nunique()),
+                "n_raters": n_raters,
                 "n_responses": n,
                 "n_correct": k,
                 "accuracy": k / n,
                 "wilson_low": w_lo,
                 "wilson_high": w_hi,
+                "design_effect": de,
+                "effective_low": e_lo,
+                "effective_high": e_hi,
                 "bootstrap_low": b_lo,
                 "bootstrap_high": b_hi,
             }
         )
-    columns = [*by, "n_raters", "n_responses", "n_correct", "accuracy"]
-    columns += ["wilson_low", "wilson_high", "bootstrap_low", "bootstrap_high"]
+    columns = [*by, "n_raters", "n_responses", "n_correct", "accuracy", "wilson_low", "wilson_high"]
+    columns += ["design_effect", "effective_low", "effective_high", "bootstrap_low", "bootstrap_high"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -183,10 +196,16 @@ def dont_know_table(rows: pd.DataFrame, by: Sequence[str] = CELL) -> pd.DataFram
 
 
 def learning_gain_table(
-    rows: pd.DataFrame, by: Sequence[str] = CELL, *, n_boot: int = 2000, seed: int = 0
+    rows: pd.DataFrame,
+    by: Sequence[str] = CELL,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    min_bootstrap_raters: int = 0,
 ) -> pd.DataFrame:
     """Pre-learning accuracy ("don't know" counts as not correct), test accuracy and their difference, per
-    group, with a rater-cluster-bootstrap interval of the gain (each resampled rater brings both phases)."""
+    group, with a rater-cluster-bootstrap interval of the gain (each resampled rater brings both phases), left
+    empty for groups of fewer than ``min_bootstrap_raters`` raters (as in ``accuracy_table``)."""
     use = rows.loc[rows["phase"].isin(["pre", "test"]) & ~rows["is_catch"].astype(bool)]
     use = use.loc[~use["excluded"].astype(bool)]
     records = []
@@ -205,7 +224,8 @@ def learning_gain_table(
         with np.errstate(invalid="ignore", divide="ignore"):
             gains = k_test[draws].sum(1) / n_test[draws].sum(1) - k_pre[draws].sum(1) / n_pre[draws].sum(1)
         gains = gains[~np.isnan(gains)]
-        lo, hi = np.quantile(gains, [0.025, 0.975]) if len(gains) else (math.nan, math.nan)
+        shown = len(gains) and len(per_rater) >= min_bootstrap_raters
+        lo, hi = np.quantile(gains, [0.025, 0.975]) if shown else (math.nan, math.nan)
         records.append(
             {
                 **dict(zip(by, key, strict=True)),
@@ -269,12 +289,18 @@ def exclusions_evaluate(raters: pd.DataFrame, rows: pd.DataFrame, rules: dict) -
     return out.reset_index()[["rater", "assignment_status", "excluded", "reasons"]]
 
 
+# The reason a rater carries when a researcher's correction dropped their assignment (``studies.Correction``).
+DROPPED_BY_CORRECTION = "dropped by correction"
+
+
 def exclusion_counts(evaluated: pd.DataFrame, rules: dict) -> pd.DataFrame:
-    """How many raters each rule excluded (a rater may fall under several rules), and in total."""
+    """How many raters each rule excluded (a rater may fall under several rules), and in total: the declared
+    rules, then the researcher's exclusions and the assignments a correction dropped."""
     records = []
-    names = [name for name in EXCLUSION_RULE_NAMES if name in rules] + ["excluded by the researcher"]
+    by_researcher = ["excluded by the researcher", DROPPED_BY_CORRECTION]
+    names = [name for name in EXCLUSION_RULE_NAMES if name in rules] + by_researcher
     for name in names:
-        prefix = name if name == "excluded by the researcher" else f"{name}:"
+        prefix = name if name in by_researcher else f"{name}:"
         n = sum(any(r.startswith(prefix) for r in reasons) for reasons in evaluated["reasons"])
         value = rules.get(name, "") if name in rules else ""
         records.append({"rule": name, "value": json_value(value), "raters_excluded": int(n)})
@@ -319,9 +345,14 @@ def contrasts_for(methods: Sequence[str], setups: Sequence[str]) -> list[Contras
     return out
 
 
+def setup_order(setups: Sequence[str]) -> list[str]:
+    """Setups in report order: "random" (the paper's baseline, the reference of interactions) first."""
+    return sorted(set(setups), key=lambda s: (s != "random", s))
+
+
 def _cells(rows: pd.DataFrame) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     methods = sorted(rows["method"].unique())
-    setups = sorted(rows["setup"].unique())
+    setups = setup_order(rows["setup"].unique())
     cells = sorted({(m, s) for m, s in zip(rows["method"], rows["setup"], strict=True)})
     return methods, setups, cells
 
@@ -386,6 +417,13 @@ def fit_gee(rows: pd.DataFrame) -> Fit:
     return Fit(GEE_MODEL, cells, np.asarray(result.params), np.asarray(result.cov_params()), note)
 
 
+def fixed_effect_covariance(hessian: np.ndarray, k: int) -> np.ndarray:
+    """Laplace covariance of the first ``k`` parameters (the fixed effects) given the negative Hessian of the
+    log posterior of (fixed, random) effects: the fixed-effect block of its inverse. (The inverse of the
+    Hessian's fixed-effect block would be the covariance given the random effects, too small.)"""
+    return np.linalg.inv(hessian)[:k, :k]
+
+
 def fit_mixed(rows: pd.DataFrame, *, seed: int = 0, fe_prior_sd: float = 2.0) -> Fit:
     """Logistic regression with rater and image random intercepts (statsmodels ``BinomialBayesMixedGLM``).
 
@@ -430,9 +468,17 @@ def fit_mixed(rows: pd.DataFrame, *, seed: int = 0, fe_prior_sd: float = 2.0) ->
         note = "; ".join(filter(None, [note, "Newton steps for the posterior mode did not converge"]))
     mu = 1 / (1 + np.exp(-(A @ theta)))
     H = A.T @ (A * (mu * (1 - mu))[:, None]) + np.diag(precision)
-    cov = np.linalg.inv(H)[:k, :k]
+    cov = fixed_effect_covariance(H, k)
     note = "; ".join(filter(None, [note, f"random-intercept SD: rater {sd[0]:.3f}, image {sd[1]:.3f}"]))
     return Fit(MIXED_MODEL, cells, theta[:k], cov, note)
+
+
+def _exp(x: float) -> float:
+    """exp on the odds-ratio scale: NaN stays NaN, and a separated fit's huge log odds ratio or standard
+    error gives inf or 0 instead of an OverflowError that would stop the report."""
+    if math.isnan(x):
+        return math.nan
+    return math.exp(x) if x < 709 else math.inf
 
 
 def contrast_table(fit: Fit, contrasts: Sequence[Contrast], confidence: float = 0.95) -> pd.DataFrame:
@@ -458,9 +504,9 @@ def contrast_table(fit: Fit, contrasts: Sequence[Contrast], confidence: float = 
                 "method_b": c.method_b,
                 "log_odds_ratio": estimate,
                 "se": se,
-                "odds_ratio": math.exp(estimate) if not math.isnan(estimate) else math.nan,
-                "or_low": math.exp(estimate - z_crit * se) if not math.isnan(se) else math.nan,
-                "or_high": math.exp(estimate + z_crit * se) if not math.isnan(se) else math.nan,
+                "odds_ratio": _exp(estimate),
+                "or_low": _exp(estimate - z_crit * se),
+                "or_high": _exp(estimate + z_crit * se),
                 "z": z,
                 "p": p,
             }

@@ -3,7 +3,7 @@
 from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
-from . import views
+from . import monitor, views
 from .api import StudyViewSet
 
 router = DefaultRouter()
@@ -13,6 +13,8 @@ report_patterns = [
     path("studies/<int:study_id>/report/", views.report_page, name="report"),
     path("studies/<int:study_id>/report.pdf", views.report_pdf_download, name="report-pdf"),
     path("studies/<int:study_id>/tables/<str:name>.csv", views.report_table_csv, name="report-table"),
+    path("studies/<int:study_id>/monitor/", monitor.monitor_page, name="monitor"),
+    path("studies/<int:study_id>/unblind/", monitor.unblind, name="unblind"),
 ]
 
 urlpatterns = [

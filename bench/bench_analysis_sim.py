@@ -1,18 +1,25 @@
-"""Validation by simulation: false positive rate and power of the study's significance tests.
+"""Validation by simulation: false-positive rate and power of the primary test at the sizes studies have.
 
-Draws many between-subjects studies of two methods from analysis.simulate (raters differ in ability: a random
-logit intercept with SD --rater-sd, so one rater's answers are correlated), with no difference between the
-methods (null) and with a known difference (effect), and tests each with the report's models:
+Draws studies of two methods (one setup) from analysis.simulate over a grid: raters per condition (3 to 40),
+class pairs (3 to 155), item x condition SD on the logit scale (how much better a condition's stimuli teach
+some test images than others; a pair x condition effect of half that SD comes with it), and between- or
+within-subjects designs. Each rater sees 2 class pairs of 10 test images; rater ability SD 0.6. Under the null
+both methods have accuracy 0.75 for the average rater; under the effect 0.70 vs 0.82. Tests:
 
-- GEE (binomial, exchangeable within rater, bias-reduced sandwich): the report's primary test;
-- the Bayesian mixed GLM (rater + image random intercepts) on a subset (it is slower);
-- the plain chi-square on pooled counts, which ignores that answers cluster by rater (shown for contrast).
+- primary/pairs: the report's primary test (analysis.primary: max of min F' with raters and class pairs
+  random and of the rater permutation test), generalising over pairs;
+- primary/images: the same with test images as the stimulus unit (class pairs fixed);
+- min F'/pairs and permutation alone (the two halves of the primary test);
+- with --gee: the rater-clustered GEE with a normal reference, as the report had it (slow).
 
-The effect studies use the raters per condition that analysis.power says give 80% power for the true
-population accuracies and the true intraclass correlation, so the observed power should be near that
-prediction.
+Then the demo's 14-condition design (7 methods x 2 setups, 3 raters per condition or --demo-raters, 3 pairs,
+all methods equal): the share of studies in which any Holm-corrected primary contrast is significant
+(family-wise error). With 3 raters per condition it is 0 by construction (the exact rater permutation's
+smallest p is 0.1); --demo-raters 10 checks the family-wise error where the test can reject.
 
-    .venv/bin/python bench/bench_analysis_sim.py            # defaults: 1000 + 500 GEE, 50 + 50 mixed
+    .venv/bin/python bench/bench_analysis_sim.py                  # short: 6 studies per cell and kind
+    .venv/bin/python bench/bench_analysis_sim.py --replicates 30 --demo-replicates 60  # the README table
+    .venv/bin/python bench/bench_analysis_sim.py --replicates 200 --cell between,3,1.0,40  # one cell
 """
 
 from __future__ import annotations
@@ -22,146 +29,203 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from scipy import stats as sps
-from tqdm import tqdm
 
-from analysis import power, stats
-from analysis.simulate import latent_icc, marginal_accuracy, simulate_rows
+from analysis import primary, stats
+from analysis.simulate import simulate_rows
+
+RATERS = [3, 5, 10, 20, 40]
+PAIRS = [3, 20, 155]
+ITEM_SD = [0.0, 0.5, 1.0]
+DESIGNS = ["between", "within"]
+TESTS = ["primary/pairs", "primary/images", "min F'/pairs", "permutation", "GEE (z)"]
+NULL = {("a", "random"): 0.75, ("b", "random"): 0.75}
+EFFECT = {("a", "random"): 0.70, ("b", "random"): 0.82}
+LIMIT = 0.07  # issue 20: the primary test's false-positive rate at alpha 0.05 may not exceed this in any cell
 
 
-def one_study(task: tuple) -> dict:
-    accuracy, raters, tests, rater_sd, seed, with_mixed = task
+def one_study(task: tuple) -> dict[str, float]:
+    kind, raters, pairs, item_sd, design, seed, n_perm, gee = task
     rows = stats.analysed_test_rows(
         simulate_rows(
-            accuracy,
+            NULL if kind == "null" else EFFECT,
             raters_per_condition=raters,
-            pairs_per_rater=1,
-            tests_per_pair=tests,
-            n_pairs=1,
-            rater_sd=rater_sd,
+            pairs_per_rater=2,
+            tests_per_pair=10,
+            n_pairs=pairs,
+            rater_sd=0.6,
+            item_condition_sd=item_sd,
+            pair_condition_sd=item_sd / 2,
+            design=design,
             seed=seed,
         )
     )
-    contrasts = stats.contrasts_for(["a", "b"], ["random"])
-    out = {"gee": float(stats.contrast_table(stats.fit_gee(rows), contrasts)["p"].iloc[0])}
-    counts = rows.groupby("method")["correct"].agg(["sum", "count"])
-    out["chi2"] = stats.two_by_two(*counts.loc["a"], *counts.loc["b"])["p_chi2"]
-    if with_mixed:
-        out["mixed"] = float(stats.contrast_table(stats.fit_mixed(rows, seed=seed), contrasts)["p"].iloc[0])
+    contrast = stats.contrasts_for(["a", "b"], ["random"])[0]
+    out = {}
+    for unit in ("pairs", "images"):
+        minf = primary.min_f_test(rows, contrast.weights, unit=unit)
+        if unit == "pairs":
+            perm = primary.permutation_test(rows, contrast, design=design, n_perm=n_perm, seed=seed)
+            out["min F'/pairs"] = minf["p_min_f"]
+            out["permutation"] = perm["p_permutation"]
+        out[f"primary/{unit}"] = max(minf["p_min_f"], perm["p_permutation"])
+    if gee:
+        out["GEE (z)"] = float(stats.contrast_table(stats.fit_gee(rows), [contrast])["p"].iloc[0])
     return out
 
 
-def rate(pvalues: list[float], alpha: float) -> tuple[float, float, float]:
-    k, n = sum(p < alpha for p in pvalues), len(pvalues)
-    lo, hi = stats.wilson_interval(k, n)
-    return k / n, lo, hi
+def demo_study(task: tuple) -> bool:
+    seed, n_perm, raters = task
+    methods = ["c3lt", "cve", "ldce-cls", "rcsb", "scout", "semantic", "slc"]  # the demo's seven
+    truth = {(m, s): 0.75 for m in methods for s in ("consistent", "random")}
+    rows = stats.analysed_test_rows(
+        simulate_rows(truth, raters_per_condition=raters, pairs_per_rater=2, tests_per_pair=10, n_pairs=3,
+                      rater_sd=0.6, item_condition_sd=0.5, pair_condition_sd=0.25, seed=seed)
+    )  # fmt: skip
+    table = primary.primary_tests(rows, n_perm=n_perm, seed=seed)
+    return bool(table["significant"].any())
 
 
-def run(tasks: list[tuple], workers: int, label: str) -> list[dict]:
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(one_study, tasks, chunksize=8), total=len(tasks), desc=label, unit="study"))
+def rejected(pvalues: list[float], alpha: float) -> float:
+    """Share of studies whose test rejects; an undefined p (NaN) does not reject."""
+    return sum(p < alpha for p in pvalues if p == p) / max(len(pvalues), 1)
+
+
+def readme_table(grid: list[tuple], by_task: dict[tuple, list[dict]], alpha: float) -> None:
+    """The README's layout: primary/pairs per raters per condition (columns), then the permutation test alone
+    at the most raters; each cell false-positive rate / power. Rows of the grid with every rater count."""
+    raters = sorted({r for *_, r in grid})
+    rows = list(dict.fromkeys((d, p, sd) for d, p, sd, _ in grid))
+    header = ["design", "pairs", "item x cond SD", *(f"{r} raters" for r in raters)]
+    header.append(f"permutation alone, {raters[-1]} raters")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+
+    def cell(test: str, design: str, pairs: int, sd: float, r: int) -> str:
+        null = by_task.get(("null", r, pairs, sd, design))
+        effect = by_task.get(("effect", r, pairs, sd, design))
+        if not null:
+            return ""
+        fpr = rejected([o[test] for o in null], alpha)
+        return f"{fpr:.2f} / {rejected([o[test] for o in effect], alpha):.2f}" if effect else f"{fpr:.2f}"
+
+    for design, pairs, sd in rows:
+        cells = [cell("primary/pairs", design, pairs, sd, r) for r in raters]
+        cells.append(cell("permutation", design, pairs, sd, raters[-1]))
+        print(f"| {design} | {pairs} | {sd:.1f} | " + " | ".join(cells) + " |")
+    print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--null", type=int, default=1000, help="studies with no effect (GEE, chi-square)")
-    parser.add_argument("--effect", type=int, default=500, help="studies with the effect (GEE, chi-square)")
+    parser.add_argument("--replicates", type=int, default=6, help="studies per grid cell and kind")
+    parser.add_argument("--demo-replicates", type=int, default=20, help="studies of the 14-condition design")
     parser.add_argument(
-        "--mixed", type=int, default=100, help="of each kind, also fitted with the mixed model"
+        "--demo-raters", type=int, default=3,
+        help="raters per condition of the 14-condition design (the demo has 2-3: there the exact permutation "
+        "test cannot reach p < 0.1, so no contrast can be significant; more raters make the check bite)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kinds", default="null,effect", help="null,effect (default) or null: false-positive rates only"
     )
-    parser.add_argument("--p-null", type=float, default=0.75, help="accuracy of both methods (average rater)")
-    parser.add_argument("--p-a", type=float, default=0.70, help="accuracy of method a under the effect")
-    parser.add_argument("--p-b", type=float, default=0.82, help="accuracy of method b under the effect")
-    parser.add_argument("--tests", type=int, default=10, help="test trials per rater")
-    parser.add_argument("--rater-sd", type=float, default=0.8, help="SD of rater ability (logit scale)")
-    parser.add_argument("--null-raters", type=int, default=30, help="raters per condition in null studies")
+    parser.add_argument("--perm", type=int, default=400, help="Monte Carlo permutations per test")
+    parser.add_argument("--gee", action="store_true", help="also fit the GEE (slow)")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--cell", action="append", default=[], metavar="DESIGN,PAIRS,SD,RATERS",
+        help="only this grid cell (repeatable), e.g. between,3,1.0,40: to confirm a cell with more studies",
+    )  # fmt: skip
     args = parser.parse_args()
     start = time.perf_counter()
-
-    # The power calculation from the true population values (what a pilot would estimate).
-    pa, pb = marginal_accuracy(args.p_a, args.rater_sd), marginal_accuracy(args.p_b, args.rater_sd)
-    icc = (latent_icc(args.p_a, args.rater_sd) + latent_icc(args.p_b, args.rater_sd)) / 2
-    raters = power.raters_per_condition(pa, pb, trials_per_rater=args.tests, icc=icc, alpha=args.alpha)
-    predicted = power.power_of(pa, pb, raters=raters, trials_per_rater=args.tests, icc=icc, alpha=args.alpha)
-
-    seeds = np.random.SeedSequence(args.seed).generate_state(args.null + args.effect)
-    null = {("a", "random"): args.p_null, ("b", "random"): args.p_null}
-    effect = {("a", "random"): args.p_a, ("b", "random"): args.p_b}
-    null_tasks = [
-        (null, args.null_raters, args.tests, args.rater_sd, int(s), i < args.mixed)
-        for i, s in enumerate(seeds[: args.null])
+    grid = list(product(DESIGNS, PAIRS, ITEM_SD, RATERS))
+    if args.cell:
+        grid = [(d, int(p), float(sd), int(r)) for d, p, sd, r in (c.split(",") for c in args.cell)]
+    seeds = iter(np.random.SeedSequence(args.seed).generate_state(2 * len(grid) * args.replicates + 1000))
+    tasks = [
+        (kind, raters, pairs, item_sd, design, int(next(seeds)), args.perm, args.gee)
+        for design, pairs, item_sd, raters in grid
+        for kind in args.kinds.split(",")
+        for _ in range(args.replicates)
     ]
-    effect_tasks = [
-        (effect, raters, args.tests, args.rater_sd, int(s), i < args.mixed)
-        for i, s in enumerate(seeds[args.null :])
-    ]
-    null_out = run(null_tasks, args.workers, "null studies")
-    effect_out = run(effect_tasks, args.workers, "effect studies")
+    demo_tasks = [(int(next(seeds)), args.perm, args.demo_raters) for _ in range(args.demo_replicates)]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        results = list(pool.map(one_study, tasks, chunksize=4))
+        demo = list(pool.map(demo_study, demo_tasks))
 
+    tests = [t for t in TESTS if args.gee or t != "GEE (z)"]
+    print(
+        "Two methods, 2 pairs x 10 test images per rater, rater SD 0.6 (logit), pair x condition SD = "
+        f"item x condition SD / 2; null 0.75 vs 0.75, effect 0.70 vs 0.82; alpha {args.alpha}; "
+        f"{args.replicates} studies per cell and kind."
+    )
+    print("Each cell: false-positive rate / power.")
     print()
-    print(
-        f"Two methods, between subjects, {args.tests} test trials per rater, rater SD {args.rater_sd} "
-        f"(logit); alpha = {args.alpha}."
-    )
-    print(
-        f"Null: both methods {args.p_null:.2f} for the average rater, {args.null_raters} raters per condition"
-    )
-    print(
-        f"Effect: {args.p_a:.2f} vs {args.p_b:.2f} for the average rater = {pa:.3f} vs {pb:.3f} in the "
-        f"population; ICC {icc:.3f}, design effect {power.design_effect(args.tests, icc):.2f}."
-    )
-    print(
-        f"Power calculation: {raters} raters per condition for 80% power; predicted power at {raters}: "
-        f"{predicted:.3f}."
-    )
+    header = ["design", "pairs", "item x cond SD", "raters/cond", *tests]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    by_task: dict[tuple, list[dict]] = {}
+    for task, out in zip(tasks, results, strict=True):
+        by_task.setdefault(task[:5], []).append(out)
+    pooled: dict[str, list[float]] = {t: [] for t in tests}
+    worst: dict[str, float] = dict.fromkeys(tests, 0.0)
+    for design, pairs, item_sd, raters in grid:
+        null = by_task[("null", raters, pairs, item_sd, design)]
+        effect = by_task.get(("effect", raters, pairs, item_sd, design))
+        cells = []
+        for t in tests:
+            fpr = rejected([o[t] for o in null], args.alpha)
+            pooled[t] += [o[t] for o in null]
+            worst[t] = max(worst[t], fpr)
+            power = f" / {rejected([o[t] for o in effect], args.alpha):.2f}" if effect else ""
+            cells.append(f"{fpr:.2f}{power}")
+        print(f"| {design} | {pairs} | {item_sd:.1f} | {raters} | " + " | ".join(cells) + " |")
     print()
-    widths = [45, 12, 28, 14, 22, 9]
-    names = [
-        "test",
-        "null studies",
-        "false positive rate (95% CI)",
-        "effect studies",
-        "power (95% CI)",
-        "predicted",
-    ]
-    print("| " + " | ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    tests = (
-        ("gee", "GEE (exchangeable, bias-reduced sandwich)"),
-        ("mixed", "Bayesian mixed GLM (rater + image intercepts)"),
-        ("chi2", "chi-square on pooled counts (ignores raters)"),
-    )
-    for key, name in tests:
-        p_null = [o[key] for o in null_out if key in o]
-        p_eff = [o[key] for o in effect_out if key in o]
-        fpr, flo, fhi = rate(p_null, args.alpha)
-        pw, plo, phi = rate(p_eff, args.alpha)
-        cells = [
-            name,
-            str(len(p_null)),
-            f"{fpr:.3f} ({flo:.3f}-{fhi:.3f})",
-            str(len(p_eff)),
-            f"{pw:.3f} ({plo:.3f}-{phi:.3f})",
-            f"{predicted:.3f}",
-        ]
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |")
-    ks = sps.kstest([o["gee"] for o in null_out], "uniform")
+    if args.cell:  # confirming cells: each one's primary/pairs false-positive rate with its Wilson interval
+        for design, pairs, item_sd, raters in grid:
+            ps = [o["primary/pairs"] for o in by_task[("null", raters, pairs, item_sd, design)]]
+            k = sum(p < args.alpha for p in ps if p == p)
+            lo, hi = stats.wilson_interval(k, len(ps))
+            print(f"{design},{pairs},{item_sd},{raters}: primary/pairs rejected {k} of {len(ps)} null "
+                  f"studies, {k / len(ps):.3f} (95% CI {lo:.3f}-{hi:.3f})")  # fmt: skip
+        print()
+    readme_table(grid, by_task, args.alpha)
+    above = [
+        cell
+        for cell in grid
+        if rejected([o["primary/pairs"] for o in by_task[("null", cell[3], cell[1], cell[2], cell[0])]],
+                    args.alpha) > LIMIT
+    ]  # fmt: skip
+    if above:
+        print(f"Cells whose primary/pairs false-positive rate is above {LIMIT} (confirm with more studies):")
+        print("  " + " ".join(f"--cell {d},{p},{sd},{r}" for d, p, sd, r in above))
+    else:
+        print(f"Every cell's primary/pairs false-positive rate is at or below {LIMIT}.")
     print()
-    print(f"GEE null p-values vs uniform: Kolmogorov-Smirnov D = {ks.statistic:.3f} (p = {ks.pvalue:.2f}).")
-    print(
-        f"{args.null + args.effect} simulated studies in {time.perf_counter() - start:.0f} s "
-        f"with {args.workers} worker processes."
-    )
+    for t in tests:
+        k = sum(p < args.alpha for p in pooled[t] if p == p)
+        lo, hi = stats.wilson_interval(k, len(pooled[t]))
+        print(
+            f"{t}: pooled false-positive rate {k / len(pooled[t]):.3f} ({lo:.3f}-{hi:.3f}) over "
+            f"{len(pooled[t])} null studies; highest cell {worst[t]:.2f}"
+        )
+    if demo:
+        k = sum(demo)
+        lo, hi = stats.wilson_interval(k, len(demo))
+        print(
+            f"Demo design (14 conditions, {args.demo_raters} raters each, 3 pairs, item x cond SD 0.5): any "
+            "Holm-significant "
+            f"primary contrast in {k} of {len(demo)} null studies ({k / len(demo):.3f}, {lo:.3f}-{hi:.3f})."
+        )
+    print(f"{len(tasks) + len(demo)} studies in {time.perf_counter() - start:.0f} s, {args.workers} workers.")
 
 
 if __name__ == "__main__":

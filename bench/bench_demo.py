@@ -83,22 +83,25 @@ def main() -> None:
     rows = []
     try:
         first_s, first = run([*command, "--simulate", str(args.simulate)], env, work / "first.log")
-        steps = re.findall(r"^\s+(.+?): done in ([\d.]+) s$", first, flags=re.M)
-        rows.append(("first run (import, train, precompute, raters, report)", first_s))
+        steps = re.findall(r"^\s+(.+?): done in ([\d.]+) s \(load average ([\d.]+)\)$", first, flags=re.M)
+        rows.append(
+            ("first run (import, shipped models, precompute, raters, report)", first_s, os.getloadavg()[0])
+        )
         second_s, _ = run(command, env, work / "second.log")
-        rows.append(("second run (reuses everything)", second_s))
+        rows.append(("second run (reuses everything)", second_s, os.getloadavg()[0]))
     finally:
         if not args.keep:
             with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     print(f"`make demo` on {device()}, budget {args.budget}, {args.simulate} simulated raters")
     print(f"(logs in {work})")
-    print(f"{'run':<56} {'seconds':>9} {'minutes':>8}")
-    for label, seconds in rows:
-        print(f"{label:<56} {seconds:>9.1f} {seconds / 60:>8.1f}")
-    print("\nsteps of the first run:")
-    for label, seconds in steps:
-        print(f"  {label:<54} {float(seconds):>9.1f}")
+    print(f"{'run':<64} {'seconds':>9} {'minutes':>8} {'load avg':>9}")
+    for label, seconds, load in rows:
+        print(f"{label:<64} {seconds:>9.1f} {seconds / 60:>8.1f} {load:>9.1f}")
+    print(f"\nsteps of the first run ({os.cpu_count()} cores):")
+    print(f"  {'step':<70} {'seconds':>9} {'load avg':>9}")
+    for label, seconds, load in steps:
+        print(f"  {label:<70} {float(seconds):>9.1f} {float(load):>9.1f}")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 CLASS_A, CLASS_B = 4, 2  # Coat vs Pullover
 
 
-def train_cnn(path: Path, steps: int) -> float:
+def train_cnn(path: Path, steps: int, data: Path) -> float:
     from explain.data.idx import load_fashion_mnist
     from explain.nets.small_cnn import SmallCNN
 
-    images, labels = load_fashion_mnist()["train"]
+    images, labels = load_fashion_mnist(data)["train"]
     keep = np.flatnonzero(np.isin(labels, (CLASS_A, CLASS_B)))[:4000]
     x = torch.from_numpy(images[keep].astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(labels[keep])
@@ -55,20 +55,33 @@ def train_cnn(path: Path, steps: int) -> float:
     return accuracy
 
 
-def candidate_pairs(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def candidate_pairs(n: int, data: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     from explain.data.idx import load_fashion_mnist
 
-    images, labels = load_fashion_mnist()["train"]
+    images, labels = load_fashion_mnist(data)["train"]
     a = np.flatnonzero(labels == CLASS_A)[4000 : 4000 + n]
     b = np.flatnonzero(labels == CLASS_B)[4000 : 4000 + n]
     return [(images[i], images[j]) for i, j in zip(a, b, strict=True)]
 
 
+def django_without_database() -> None:
+    """Django's app registry with no database: ``explain.precompute.worker`` imports the model classes (not
+    rows), so the compute-only run needs Django installed but no settings module, database or broker."""
+    import django
+    from django.conf import settings
+
+    if not settings.configured and "DJANGO_SETTINGS_MODULE" not in os.environ:
+        apps = ["django.contrib.contenttypes", "django.contrib.auth", "explain", "studies"]
+        settings.configure(INSTALLED_APPS=apps, DATABASES={}, BASE_DIR=ROOT)
+    django.setup()
+
+
 def compute_only(checkpoint: Path, pairs, device: str) -> tuple[float, int]:
     """Seconds and flipped stimuli for explaining and rendering ``pairs`` in this process on ``device``."""
+    django_without_database()
     from explain.methods.cve import CVE
     from explain.nets.small_cnn import SmallCNN
-    from explain.runtime import explain_arrays
+    from explain.precompute.worker import explain_arrays
 
     model = SmallCNN(num_classes=10, in_channels=1)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
@@ -217,24 +230,32 @@ def main() -> None:
     parser.add_argument("--compute-only", action="store_true", help="skip the worker (no database or broker)")
     parser.add_argument("--n-learning", type=int, default=10, help="stimuli per condition (default 10)")
     parser.add_argument("--train-steps", type=int, default=80)
+    parser.add_argument(
+        "--data", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)"
+    )
+    parser.add_argument("--devices", default=None, help="comma list for compute only (default: cpu, cuda)")
     args = parser.parse_args()
+    from explain.data.idx import FASHION_MNIST_ROOT
+
+    data = args.data or FASHION_MNIST_ROOT
     torch.set_num_threads(1)
     checkpoint = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-small-cnn-{uuid.uuid4().hex[:8]}.pt"
-    accuracy = train_cnn(checkpoint, args.train_steps)
+    accuracy = train_cnn(checkpoint, args.train_steps, data)
     print(f"built-in CNN (width 64), {args.train_steps} steps on Coat vs Pullover: accuracy {accuracy:.3f}")
 
     rows = []
     if not args.compute_only:
         seconds, kept, units = with_worker(checkpoint, args.n_learning)
         rows.append(("1 worker (Redis, PostgreSQL), CPU", seconds, kept, units))
-    pairs = candidate_pairs(2 * args.n_learning)
-    seconds, kept = compute_only(checkpoint, pairs, "cpu")
-    rows.append(("compute only, CPU", seconds, kept, len(pairs)))
-    if torch.cuda.is_available():
-        seconds, kept = compute_only(checkpoint, pairs, "cuda")
-        rows.append((f"compute only, GPU ({torch.cuda.get_device_name(0)})", seconds, kept, len(pairs)))
-    else:
-        print("no CUDA device: GPU column left out")
+    pairs = candidate_pairs(2 * args.n_learning, data)
+    devices = args.devices.split(",") if args.devices else ["cpu", "cuda"]
+    for device in devices:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print("no CUDA device: GPU column left out")
+            continue
+        seconds, kept = compute_only(checkpoint, pairs, device)
+        name = "CPU" if device == "cpu" else f"GPU ({torch.cuda.get_device_name(0)})"
+        rows.append((f"compute only, {name}", seconds, kept, len(pairs)))
 
     print(f"\nCVE on Fashion-MNIST 28 px (7 x 7 cells), one torch thread on CPU, torch {torch.__version__}")
     print(f"{'setting':<48} {'seconds':>8} {'stimuli':>8} {'units':>6} {'stimuli/min':>12} {'units/min':>10}")

@@ -1,8 +1,9 @@
 """Training time of every generative backbone at the platform's default budgets on the embedded default.
 
-Trains, with the pure trainers and exactly the configs of ``explain.backbones`` (DEFAULTS, DEFAULT_WIDTHS),
-the autoencoder, the latent denoiser, the inpainting bridge, the SAE and C3LT's maps (Coat vs Pullover) on
-Fashion-MNIST's training split (``limit_per_class`` images of each class), and prints one row per model.
+Trains, with the pure trainers and exactly the configs of ``explain.services.backbones`` (DEFAULTS,
+DEFAULT_WIDTHS), the autoencoder, the latent denoiser, the inpainting bridge, the SAE and C3LT's maps (Coat vs
+Pullover) on Fashion-MNIST's training split (``limit_per_class`` images of each class), and prints one row per
+model.
 
     .venv/bin/python bench/gen_backbones.py [--threads 1] [--fraction 1.0]
 
@@ -28,7 +29,6 @@ django.setup()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from explain.backbones import DEFAULT_WIDTHS, DEFAULTS  # noqa: E402
 from explain.data.idx import load_fashion_mnist  # noqa: E402
 from explain.nets.autoencoder import autoencoder_config, encode, train_autoencoder  # noqa: E402
 from explain.nets.bridge import bridge_config, train_bridge  # noqa: E402
@@ -37,6 +37,7 @@ from explain.nets.diffusion import denoiser_config, train_denoiser  # noqa: E402
 from explain.nets.sae import pooled_features, train_sae  # noqa: E402
 from explain.nets.small_cnn import SmallCNN  # noqa: E402
 from explain.nets.training_record import read_record  # noqa: E402
+from explain.services.backbones import DEFAULT_WIDTHS, DEFAULTS  # noqa: E402
 
 COAT, PULLOVER = 4, 2
 

@@ -1,7 +1,8 @@
-from django.conf import settings
-from django.conf.urls.static import static
 from django.contrib import admin
 from django.urls import include, path
+
+from .health import healthz
+from .media import media_file
 
 admin.site.site_header = "Foil — machine-teaching studies"
 admin.site.site_title = "Foil"
@@ -12,6 +13,6 @@ urlpatterns = [
     path("research/", include("explain.urls")),
     path("", include("analysis.urls")),  # researchers' API (api/) and reports (analysis/)
     path("s/", include("studies.urls")),
+    path("healthz/", healthz, name="healthz"),
+    path("media/<path:path>", media_file, name="media"),  # researchers only; see config/media.py
 ]
-if settings.DEBUG:
-    urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)

@@ -9,7 +9,10 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from .forms import DatasetImportForm, MinePairsForm
+from studies.models import Study
+from studies.services import audit_record, study_pairs_add
+
+from .forms import BackboneRegisterForm, DatasetImportForm, MinePairsForm
 from .models import (
     Backbone,
     Classifier,
@@ -24,7 +27,8 @@ from .models import (
 )
 from .precompute import work_unit_retry
 from .selectors import dataset_list_with_counts, mined_pairs
-from .services import job_create, study_pairs_add
+from .services import job_create
+from .services.registration import backbone_formats
 
 
 class ClassLabelInline(admin.TabularInline):
@@ -134,12 +138,12 @@ class ClassifierAdmin(admin.ModelAdmin):
             self.message_user(request, f"Evaluating {classifier.name!r}: job {job.pk}.", messages.INFO)
 
     def pairs_view(self, request: HttpRequest, pk: int) -> HttpResponse:
-        """The mined pairs with their scores; the chosen ones are added to a draft study."""
-        from studies.models import Study
-
+        """The mined pairs with their scores; the chosen ones are added to a study not yet frozen (reached
+        from the study page with ?study=<id>, which preselects it)."""
         classifier = get_object_or_404(Classifier.objects.select_related("dataset"), pk=pk)
         form = MinePairsForm(
-            request.POST or request.GET or None, initial={"method": "most_confused", "k": 10}
+            request.POST or (request.GET if "method" in request.GET else None),
+            initial={"method": "most_confused", "k": 10},
         )
         method, k = "most_confused", 10
         if form.is_bound and form.is_valid():
@@ -149,7 +153,9 @@ class ClassifierAdmin(admin.ModelAdmin):
             pairs = mined_pairs(classifier=classifier, method=method, k=k)
         except ValidationError as exc:
             error = " ".join(exc.messages)
-        studies = Study.objects.filter(dataset=classifier.dataset, status=Study.Status.DRAFT)
+        studies = Study.objects.filter(
+            classifier=classifier, status__in=[Study.Status.DRAFT, Study.Status.READY]
+        ).order_by("-created_at")
         if request.method == "POST" and self.has_change_permission(request):
             chosen = set(request.POST.getlist("pair"))
             study = get_object_or_404(studies, pk=request.POST.get("study"))
@@ -159,6 +165,13 @@ class ClassifierAdmin(admin.ModelAdmin):
             except ValidationError as exc:
                 self.message_user(request, " ".join(exc.messages), messages.ERROR)
             else:
+                if added:
+                    audit_record(
+                        study=study,
+                        user=request.user,
+                        action="class pairs mined and added",
+                        detail={"added": [f"{p} ({p.mined_by}, score {p.confusion_score})" for p in added]},
+                    )
                 self.message_user(request, f"Added {len(added)} pairs to {study.title!r}.", messages.SUCCESS)
                 return HttpResponseRedirect(reverse("admin:studies_study_change", args=[study.pk]))
         context = {
@@ -171,6 +184,10 @@ class ClassifierAdmin(admin.ModelAdmin):
             "method": method,
             "k": k,
             "studies": studies,
+            "selected_study": request.POST.get("study") or request.GET.get("study") or "",
+            "study": studies.filter(pk=request.GET.get("study")).first()
+            if (request.GET.get("study") or "").isdigit()
+            else None,
             "score_name": "attribute distance" if method == "attributes" else "confusion rate",
         }
         return TemplateResponse(request, "admin/explain/classifier_pairs.html", context)
@@ -178,9 +195,48 @@ class ClassifierAdmin(admin.ModelAdmin):
 
 @admin.register(Backbone)
 class BackboneAdmin(admin.ModelAdmin):
-    list_display = ("name", "kind", "dataset", "path", "created_at")
+    """Models trained by the platform and registered from a researcher's files (``register/``: the same
+    service as ``manage.py register_backbone``, run on a worker where the files are)."""
+
+    list_display = ("name", "kind", "dataset", "registered", "path", "created_at")
     list_filter = ("kind",)
     list_select_related = ("dataset",)
+    change_list_template = "admin/explain/backbone_change_list.html"
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.register_view)
+        return [path("register/", view, name="explain_backbone_register"), *super().get_urls()]
+
+    @admin.display(description="registered", boolean=True)
+    def registered(self, backbone: Backbone) -> bool:
+        return bool(backbone.config.get("registered"))
+
+    def register_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_add_permission(request):
+            return HttpResponseRedirect(reverse("admin:index"))
+        form = BackboneRegisterForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            params = {
+                "dataset_id": data["dataset"].pk,
+                "kind": data["kind"],
+                "path": data["path"],
+                "format_name": data["format_name"],
+                "name": data["name"],
+                "options": data["options"],
+            }
+            if data["classifier"]:
+                params["classifier_id"] = data["classifier"].pk
+            job = job_create(kind="backbone_register", params=params)
+            self.message_user(request, f"Checking {data['name']!r} on a worker: job {job.pk}.", messages.INFO)
+            return HttpResponseRedirect(reverse("admin:explain_job_change", args=[job.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "form": form,
+            "formats": backbone_formats(),
+            "title": "Register a model from local files",
+        }
+        return TemplateResponse(request, "admin/explain/backbone_register.html", context)
 
 
 class DistractorInline(admin.TabularInline):
@@ -191,11 +247,31 @@ class DistractorInline(admin.TabularInline):
 
 @admin.register(Explanation)
 class ExplanationAdmin(admin.ModelAdmin):
+    """Precomputed stimuli: a live, paused or closed study's are viewable, never changed or deleted here (the
+    database refuses too)."""
+
     list_display = ("id", "study", "pair", "condition", "flipped", "created_at")
     list_filter = ("flipped", "condition__method", "condition__setup")
     list_select_related = ("study", "pair__class_a", "pair__class_b", "condition")
     raw_id_fields = ("study", "pair", "condition", "query_image")
     inlines = [DistractorInline]
+
+    def has_change_permission(self, request: HttpRequest, obj: Explanation | None = None) -> bool:
+        return super().has_change_permission(request, obj) and not (obj and obj.study.is_frozen)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Explanation | None = None) -> bool:
+        return super().has_delete_permission(request, obj) and not (obj and obj.study.is_frozen)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Explanation]) -> None:
+        frozen = queryset.filter(study__status__in=Study.FROZEN_STATUSES)
+        if frozen.exists():
+            self.message_user(
+                request,
+                f"{frozen.count()} stimuli of live, paused or closed studies were kept: a frozen study's "
+                "stimuli are read-only. Copy the study into a new draft to precompute others.",
+                messages.ERROR,
+            )
+        super().delete_queryset(request, queryset.exclude(study__status__in=Study.FROZEN_STATUSES))
 
 
 @admin.register(Job)

@@ -2,7 +2,7 @@
 
 from django import forms
 
-from .models import Dataset
+from .models import Backbone, Classifier, Dataset
 
 
 class DatasetImportForm(forms.Form):
@@ -27,6 +27,52 @@ class DatasetImportForm(forms.Form):
         data = super().clean()
         if data.get("kind") != Dataset.Kind.FASHION_MNIST and not data.get("path"):
             self.add_error("path", f"A {data.get('kind')} import needs the path of the data set's folder.")
+        return data
+
+
+class BackboneRegisterForm(forms.Form):
+    """``explain.services.backbone_register``'s arguments; the format's options one ``key=value`` a line."""
+
+    dataset = forms.ModelChoiceField(queryset=Dataset.objects.order_by("name"))
+    kind = forms.ChoiceField(choices=Backbone.Kind.choices)
+    format_name = forms.CharField(
+        label="format", max_length=100, help_text="One of the formats listed above."
+    )
+    path = forms.CharField(max_length=1000, help_text="A directory or file on the worker's machine.")
+    name = forms.CharField(max_length=200)
+    classifier = forms.ModelChoiceField(
+        queryset=Classifier.objects.order_by("name"),
+        required=False,
+        help_text="The classifier to check it against (default: the data set's newest).",
+    )
+    options = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="One key=value a line, e.g. image_range=-1,1 (autoencoder) or autoencoder=NAME (denoiser).",
+    )
+
+    def clean_options(self) -> dict[str, str]:
+        options = {}
+        for line in self.cleaned_data["options"].splitlines():
+            if not line.strip():
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise forms.ValidationError(f"{line!r} is not key=value; e.g. image_range=-1,1")
+            options[key.strip()] = value.strip()
+        return options
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        if Backbone.objects.filter(name=name).exists():
+            raise forms.ValidationError(f"A backbone named {name!r} already exists; choose another name.")
+        return name
+
+    def clean(self):
+        data = super().clean()
+        classifier, dataset = data.get("classifier"), data.get("dataset")
+        if classifier and dataset and classifier.dataset_id != dataset.pk:
+            self.add_error("classifier", f"{classifier.name!r} is a classifier of another data set.")
         return data
 
 

@@ -3,6 +3,8 @@
 from django.db import models
 from django.db.models import F, Q
 
+from .imaging import MetadataFreeImageField
+
 
 class Dataset(models.Model):
     class Kind(models.TextChoices):
@@ -61,7 +63,7 @@ class Image(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="images")
     class_label = models.ForeignKey(ClassLabel, on_delete=models.PROTECT, related_name="images")
     source_id = models.CharField(max_length=200, help_text="The image's id in the source data set.")
-    file = models.FileField(upload_to="images/", max_length=500)
+    file = MetadataFreeImageField(upload_to="images/", max_length=500)
     split = models.CharField(max_length=8, choices=Split.choices)
     keypoints = models.JSONField(null=True, blank=True, help_text='{"part name": [x, y], ...} in pixels.')
     attributes = models.JSONField(null=True, blank=True)
@@ -159,11 +161,12 @@ class Backbone(models.Model):
         AUXILIARY = "auxiliary", "Auxiliary embedding (self-supervised)"
         AUTOENCODER = "autoencoder", "Autoencoder (AutoencoderKL)"
         DENOISER = "denoiser", "Class-conditional latent denoiser"
-        TEXT_DENOISER = "text_denoiser", "Text-conditional latent denoiser"
+        TEXT_DENOISER = "text_denoiser", "Text-to-image pipeline (Stable Diffusion)"
         BRIDGE = "bridge", "Image-to-image bridge (inpainting)"
         SAE = "sae", "Sparse autoencoder on classifier features"
         DISCRIMINATOR = "discriminator", "Discriminator"
         C3LT_MAPS = "c3lt_maps", "C3LT latent maps for one class pair"
+        GENERATOR = "generator", "GAN generator and encoder"
 
     dataset = models.ForeignKey(
         Dataset,
@@ -201,8 +204,8 @@ class Explanation(models.Model):
     distractor_images = models.ManyToManyField(Image, through="ExplanationDistractor", related_name="+")
     flipped = models.BooleanField(help_text="Whether the edits flipped the decision to class B.")
     masks = models.FileField(upload_to="masks/", max_length=500, help_text="Region masks (.npz).")
-    query_stimulus = models.FileField(upload_to="stimuli/", max_length=500)
-    distractor_stimulus = models.FileField(upload_to="stimuli/", max_length=500)
+    query_stimulus = MetadataFreeImageField(upload_to="stimuli/", max_length=500)
+    distractor_stimulus = MetadataFreeImageField(upload_to="stimuli/", max_length=500)
     counterfactual_image = models.FileField(upload_to="counterfactuals/", max_length=500, blank=True)
     edits = models.JSONField(default=list, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
@@ -288,6 +291,11 @@ class PrecomputePlan(models.Model):
     semantic_pool = models.PositiveSmallIntegerField(
         default=3,
         help_text="The semantic setup explains this many candidates per learning pair and keeps the best.",
+    )
+    quality_override = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='{"reason": "..."}: run on backbones that fail their quality card (the report shows it).',
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -1,34 +1,38 @@
-"""Reads for data sets, models, jobs and the precompute of studies. Functions returning networks import torch
-when called, never at import time (the web process does not load torch)."""
+"""Reads for data sets, classifiers, models and explanations: with the services, the surface studies reads.
+Functions returning networks import torch when called, never at import time (the web process does not load
+torch)."""
 
 from __future__ import annotations
 
-import random
 from collections import Counter
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from django.core.exceptions import ValidationError
 from django.core.files.storage import default_storage
-from django.db.models import Count, IntegerField, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
+from django.db.models.fields.json import KT
 from django.db.models.functions import Coalesce
-from django.utils import timezone
 from PIL import Image as PILImage
 
-from .models import Backbone, Classifier, ClassLabel, Dataset, Explanation, Image, PrecomputePlan, WorkUnit
+from .models import Backbone, Classifier, ClassLabel, Dataset, Explanation, Image
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from studies.models import ClassPair, Study
+
+def backbones_preferred(rows: QuerySet[Backbone]) -> QuerySet[Backbone]:
+    """``rows`` with the researcher's registered models first (``config["registered"]``), then the newest:
+    a registered model is used instead of one the platform trained, whenever both exist."""
+    registered = KT("config__registered")
+    return rows.order_by(registered.desc(nulls_last=True), "-created_at", "-pk")
 
 
 def usable_explanations(queryset: QuerySet[Explanation]) -> QuerySet[Explanation]:
     """The explanations that can be learning stimuli: flipped, or from an attribution method (SCOUT)."""
-    from .methods import NO_FLIP_METHODS
+    from .methods import no_flip_names
 
-    return queryset.filter(Q(flipped=True) | Q(condition__method__in=NO_FLIP_METHODS))
+    return queryset.filter(Q(flipped=True) | Q(condition__method__in=no_flip_names()))
 
 
 def related_count(queryset: QuerySet, field: str) -> Coalesce:
@@ -43,120 +47,6 @@ def dataset_list_with_counts() -> QuerySet[Dataset]:
         n_classes=related_count(ClassLabel.objects.all(), "dataset"),
         n_images=related_count(Image.objects.all(), "dataset"),
     )
-
-
-def plan_progress(*, study: Study, window_s: float = 600.0) -> dict[str, Any]:
-    """Where a study's precompute stands, per condition (method x setup): counts, rate and time left.
-
-    ``rate_per_min`` counts the units finished in the last ``window_s`` seconds (or since the first one
-    started, when that is shorter); ``eta_s`` is the units still to run divided by that rate.
-    """
-    plan = PrecomputePlan.objects.filter(study=study).first()
-    if plan is None:
-        return {
-            "plan": None,
-            "conditions": [],
-            "models": [],
-            "failures": [],
-            "replacements": {},
-            "state": "not planned",
-        }
-    now = timezone.now()
-    status = WorkUnit.Status
-    counts = {s: Count("pk", filter=Q(status=s)) for s in status.values}
-    by_condition = {
-        row["condition"]: row
-        for row in plan.units.values("condition").annotate(total=Count("pk"), **counts).order_by()
-    }
-    stimuli = dict(
-        usable_explanations(Explanation.objects.filter(study=study))
-        .values("condition")
-        .annotate(n=Count("pk"))
-        .values_list("condition", "n")
-    )
-    n_pairs = study.pairs.count()
-    rows = []
-    for condition in study.conditions.order_by("method", "setup"):
-        row = by_condition.get(condition.pk, {"total": 0, **{s: 0 for s in status.values}})
-        finished = sum(row[s] for s in WorkUnit.TERMINAL)
-        rows.append(
-            {
-                "condition": condition,
-                "method": condition.method,
-                "setup": condition.setup,
-                "total": row["total"],
-                "finished": finished,
-                "done": row[status.DONE],
-                "running": row[status.RUNNING],
-                "waiting": row[status.QUEUED] + row[status.PENDING],
-                "pending": row[status.PENDING],
-                "failed": row[status.FAILED],
-                "replaced": row[status.UNEXPLAINABLE],
-                "discarded": row[status.DISCARDED],
-                "stimuli": stimuli.get(condition.pk, 0),
-                "need": n_pairs * study.n_learning,
-                "percent": round(100 * finished / row["total"]) if row["total"] else 0,
-            }
-        )
-
-    first_start = plan.units.aggregate(t=Min("started_at"))["t"]
-    window = min(window_s, (now - first_start).total_seconds()) if first_start else 0.0
-    recent = plan.units.filter(
-        status__in=WorkUnit.TERMINAL, finished_at__gte=now - timedelta(seconds=window_s)
-    )
-    finished_recently = recent.count()
-    rate = finished_recently / (window / 60) if window > 0 and finished_recently else 0.0
-    remaining = max(0, sum(r["total"] - r["finished"] for r in rows))
-    needed = {k for needs in plan.units.values_list("needs", flat=True) for k in needs}
-    models = list(WorkUnit.objects.filter(key__in=needed).select_related("backbone").order_by("id"))
-    failures = list(
-        WorkUnit.objects.filter(Q(plan=plan) | Q(key__in=needed), status=status.FAILED)
-        .select_related("condition", "pair__class_a", "pair__class_b", "query_image", "distractor_image")
-        .order_by("id")
-    )
-    replacements = dict(
-        plan.units.filter(status=status.UNEXPLAINABLE)
-        .values("condition__method")
-        .annotate(n=Count("pk"))
-        .values_list("condition__method", "n")
-    )
-    from studies.selectors import study_missing_stimuli  # studies imports this module
-
-    if remaining == 0 and not study_missing_stimuli(study=study):
-        state = "done"
-    elif failures and all(r["running"] == 0 and r["waiting"] - r["pending"] == 0 for r in rows):
-        state = "stopped: failures need attention"
-    elif remaining == 0:
-        state = "finished, but some conditions lack stimuli"
-    else:
-        state = "running"
-    return {
-        "plan": plan,
-        "conditions": rows,
-        "models": models,
-        "failures": failures,
-        "replacements": replacements,
-        "state": state,
-        "finished": sum(r["finished"] for r in rows),
-        "total": sum(r["total"] for r in rows),
-        "remaining": remaining,
-        "rate_per_min": rate,
-        "eta_s": remaining / rate * 60 if rate > 0 else None,
-    }
-
-
-def condition_gallery(*, study: Study, condition_id: int) -> list[dict[str, Any]]:
-    """The kept explanations of one condition, grouped by class pair, for the researcher's gallery."""
-    explanations = (
-        Explanation.objects.filter(study=study, condition=condition_id)
-        .select_related("pair__class_a", "pair__class_b", "query_image")
-        .order_by("pair_id", "id")
-    )
-    groups: dict[int, dict[str, Any]] = {}
-    for explanation in explanations:
-        group = groups.setdefault(explanation.pair_id, {"pair": explanation.pair, "explanations": []})
-        group["explanations"].append(explanation)
-    return list(groups.values())
 
 
 def dataset_counts(*, dataset: Dataset) -> dict:
@@ -224,65 +114,13 @@ def auxiliary_model(backbone: Backbone) -> nn.Module:
     return load_simsiam(backbone.path, backbone.config["net"])
 
 
-PAIR_SIDES = ("a", "b", "both")
-
-
-def pair_images(*, study: Study, pair: ClassPair, split: str, n: int, side: str = "both") -> list[Image]:
-    """``n`` images of a class pair that the study's classifier classifies correctly, from ``split``
-    (learning images come from "train", test images from "test"), chosen at random but deterministically from
-    the study's seed: the same study, pair and split always give the same images in the same order.
-
-    ``side`` "a" gives images of class A (the query class), "b" of class B, "both" ceil(n/2) of A and
-    floor(n/2) of B, shuffled together. Raises ``ValidationError`` naming the shortfall.
-    """
-    if side not in PAIR_SIDES:
-        raise ValueError(f"side must be one of {PAIR_SIDES}, got {side!r}")
-    if split not in Image.Split.values:
-        raise ValueError(f"split must be one of {Image.Split.values}, got {split!r}")
-    classifier = study.classifier
-    if not classifier.predictions.filter(image__split=split).exists():
-        raise ValidationError(
-            f"Classifier {classifier.name!r} has no stored predictions on the {split} split, so correctly "
-            "classified images cannot be chosen: evaluate it first (admin action 'Evaluate', or "
-            "classifier_evaluate)."
-        )
-    wanted = {"a": [(pair.class_a, n)], "b": [(pair.class_b, n)]}.get(
-        side, [(pair.class_a, (n + 1) // 2), (pair.class_b, n // 2)]
-    )
-    rng = random.Random(f"{study.seed}:{pair.class_a.index}:{pair.class_b.index}:{split}:{side}")
-    chosen: list[int] = []
-    for label, count in wanted:
-        ids = list(
-            Image.objects.filter(
-                dataset_id=study.dataset_id,
-                split=split,
-                class_label=label,
-                predictions__classifier=classifier,
-                predictions__correct=True,
-            )
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
-        if len(ids) < count:
-            raise ValidationError(
-                f"Class {label.name!r} has {len(ids)} {split} images that classifier {classifier.name!r} "
-                f"classifies correctly; {count} are needed. Lower the number of images per phase, or use a "
-                "pair with more images."
-            )
-        chosen += rng.sample(ids, count)
-    if side == "both":
-        rng.shuffle(chosen)
-    by_id = Image.objects.select_related("class_label").in_bulk(chosen)
-    return [by_id[pk] for pk in chosen]
-
-
 def mined_pairs(
     *, classifier: Classifier, method: str = "most_confused", k: int = 10
 ) -> list[dict[str, Any]]:
     """Class pairs mined for a classifier's data set: ``most_confused`` (per class, from the test confusion
     matrix), ``top_k`` (the k most confused ordered pairs) or ``attributes`` (nearest class by mean attribute
     vector). Each: ``{"class_a": ClassLabel, "class_b": ClassLabel, "score": float, "method": str}``."""
-    from .pairs import most_confused_pairs, nearest_by_attributes, top_k_confused_pairs
+    from .stimuli.pairs import most_confused_pairs, nearest_by_attributes, top_k_confused_pairs
 
     labels = {c.index: c for c in classifier.dataset.classes.all()}
     if method in ("most_confused", "top_k"):
@@ -312,3 +150,21 @@ def mined_pairs(
         {"class_a": labels[p.class_a], "class_b": labels[p.class_b], "score": p.score, "method": method}
         for p in mined
     ]
+
+
+def dataset_blur_preview(*, dataset_id: int, sigma: float) -> bytes:
+    """PNG of one image of the data set as a learning stimulus shows it at blur ``sigma`` (pixels of the
+    displayed 224 px image): its centre in focus, the rest blurred, rendered as raters' stimuli are."""
+    from .stimuli.rendering import stimulus_png
+
+    image = Image.objects.filter(dataset_id=dataset_id).order_by("split", "pk").first()
+    if image is None:
+        pixels = np.full((28, 28), 0.5)
+    else:
+        with image.file.open("rb") as handle, PILImage.open(handle) as opened:
+            pixels = np.asarray(opened.convert("L" if opened.mode == "L" else "RGB"), dtype=np.float64) / 255
+    h, w = pixels.shape[:2]
+    mask = np.zeros((h, w))
+    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+    scale = max(1, 224 // max(h, w))
+    return stimulus_png(pixels, mask, sigma / scale, scale=scale)

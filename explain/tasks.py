@@ -1,7 +1,11 @@
-"""Celery tasks of the explain app: thin wrappers that take ids and call one service."""
+"""Celery tasks of the explain app: thin wrappers that take ids and call one service.
+
+Services send these by name (``explain.tasks.<name>``), so nothing imports this module but the worker.
+"""
 
 from celery import shared_task
 
+from .precompute import work_units_run as run_units
 from .services import job_execute
 
 
@@ -13,6 +17,4 @@ def job_run(job_id: int) -> None:
 @shared_task(name="explain.tasks.work_units_run")
 def work_units_run(unit_ids: list[int]) -> None:
     """Precompute work units (one, or a batch where the method batches); see ``explain.precompute``."""
-    from .precompute import work_units_run as run  # imports studies, which imports explain: import late
-
-    run(unit_ids=unit_ids)
+    run_units(unit_ids=unit_ids)

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import views
+from .precompute import views
 
 app_name = "explain"
 

@@ -1,12 +1,16 @@
 """The design of a machine-teaching study and what raters do in it (Vandenhende et al. 2022, section 4.4)."""
 
+import secrets
 import uuid
 
+from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import models
 from django.db.models import Q
 
 from explain.methods import is_registered, method_names
+
+from .preregistration import plan_problem
 
 FROZEN_MESSAGE = (
     "Study {title!r} is {status} (version {version}): its design is frozen so that every rater sees the same "
@@ -64,39 +68,186 @@ class Study(models.Model):
         PRECOMPUTING = "precomputing", "precomputing"
         READY = "ready", "ready"
         LIVE = "live", "live"
+        PAUSED = "paused", "paused (takes no new raters)"
         CLOSED = "closed", "closed"
+
+    class StimulusRegion(models.TextChoices):
+        FIRST_EDIT = "first-edit", "the first edit's region (the paper's stimulus, Vandenhende et al. 2022)"
+        ALL_EDITS = "all-edits", "every edit's region (not the paper's stimulus)"
 
     class Design(models.TextChoices):
         BETWEEN = "between", "between subjects (one condition per rater)"
         WITHIN = "within", "within subjects (a condition per class pair)"
 
-    title = models.CharField(max_length=200)
-    description = models.TextField(blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
-    dataset = models.ForeignKey("explain.Dataset", on_delete=models.PROTECT, related_name="studies")
-    classifier = models.ForeignKey("explain.Classifier", on_delete=models.PROTECT, related_name="studies")
-    n_prelearning = models.PositiveSmallIntegerField("images in pre-learning", default=10)
-    n_learning = models.PositiveSmallIntegerField("explanations in learning", default=10)
-    n_test = models.PositiveSmallIntegerField("images in test", default=10)
-    label_a = models.CharField("displayed label of class A", max_length=50, default="class A")
-    label_b = models.CharField("displayed label of class B", max_length=50, default="class B")
-    blur_sigma = models.FloatField("blur strength (Gaussian sigma, pixels)", default=8.0)
+    title = models.CharField(
+        max_length=200, help_text="For researchers only; raters never see it. May change while live."
+    )
+    description = models.TextField(
+        blank=True, help_text="Notes for researchers (aims, waves, changes); raters never see it."
+    )
+    status = models.CharField(
+        max_length=16,
+        choices=Status.choices,
+        default=Status.DRAFT,
+        help_text=(
+            "draft -> precomputing -> ready -> live (paused) -> closed; changed by the buttons above. Live, "
+            "paused and closed studies are frozen."
+        ),
+    )
+    dataset = models.ForeignKey(
+        "explain.Dataset",
+        on_delete=models.PROTECT,
+        related_name="studies",
+        help_text="The images raters classify and the explanations are made of (Data sets in the admin).",
+    )
+    classifier = models.ForeignKey(
+        "explain.Classifier",
+        on_delete=models.PROTECT,
+        related_name="studies",
+        help_text=(
+            "The model whose decisions the counterfactuals explain; it must be trained on the study's data "
+            "set. Its confusion matrix is where class pairs are mined."
+        ),
+    )
+    n_prelearning = models.PositiveSmallIntegerField(
+        "images in pre-learning",
+        default=10,
+        help_text="Images a rater classifies per class pair before any explanation (their baseline).",
+    )
+    n_learning = models.PositiveSmallIntegerField(
+        "explanations in learning",
+        default=10,
+        help_text="Counterfactual explanations a rater studies per class pair (each precomputed once).",
+    )
+    n_test = models.PositiveSmallIntegerField(
+        "images in test",
+        default=10,
+        help_text="Images a rater classifies per class pair after learning: the outcome compared.",
+    )
+    label_a = models.CharField(
+        "displayed label of class A",
+        max_length=50,
+        default="class A",
+        help_text="What raters see instead of the query class's name (which they must not learn from us).",
+    )
+    label_b = models.CharField(
+        "displayed label of class B",
+        max_length=50,
+        default="class B",
+        help_text="What raters see instead of the distractor class's name; must differ from class A's label.",
+    )
+    blur_sigma = models.FloatField(
+        "blur strength (Gaussian sigma, pixels)",
+        default=8.0,
+        help_text=(
+            "How strongly everything outside the explained region is blurred in the learning stimuli "
+            "(Gaussian sigma in pixels of the displayed 224 px image; 0: no blur). The preview shows one "
+            "image of the data set at this blur, its centre in focus."
+        ),
+    )
+    stimulus_region = models.CharField(
+        "region a learning stimulus shows sharp",
+        max_length=16,
+        choices=StimulusRegion.choices,
+        default=StimulusRegion.FIRST_EDIT,
+        help_text="For cell methods: the first edit's cells (the paper's stimulus) or all edited cells.",
+    )
     design = models.CharField(
         "assignment design",
         max_length=16,
         choices=Design.choices,
         default=Design.BETWEEN,
+        help_text=(
+            "Between subjects: each rater learns with one condition. Within subjects: each rater meets "
+            "several conditions, one per class pair."
+        ),
     )
     pairs_per_assignment = models.PositiveSmallIntegerField(
         null=True,
         blank=True,
         help_text="Class pairs each rater sees; empty means all of the study's pairs.",
     )
-    min_learning_seconds = models.FloatField("minimum viewing time per explanation (s)", default=3.0)
-    time_limit_minutes = models.PositiveIntegerField("time limit per assignment (min)", default=60)
-    completion_code = models.CharField(max_length=64, blank=True, help_text="Shown to raters at the end.")
-    prolific_completion_code = models.CharField(max_length=64, blank=True)
-    mturk_sandbox = models.BooleanField("Mechanical Turk sandbox", default=True)
+    min_learning_seconds = models.FloatField(
+        "minimum viewing time per explanation (s)",
+        default=3.0,
+        help_text="A learning trial's Next button stays disabled this long, so explanations are looked at.",
+    )
+    time_limit_minutes = models.PositiveIntegerField(
+        "time limit per assignment (min)",
+        default=60,
+        help_text="An assignment not finished within this time is timed out and its place offered again.",
+    )
+    completion_code = models.CharField(
+        "completion code prefix",
+        max_length=40,
+        blank=True,
+        help_text="Each rater gets their own code at the end: this prefix, a dash and random letters.",
+    )
+    prolific_completion_code = models.CharField(
+        max_length=64, blank=True, help_text="Prolific's code for a completed submission (sent back as ?cc=)."
+    )
+    prolific_timeout_code = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="Prolific's code for a rater who ran out of time; empty: they are only thanked.",
+    )
+    prolific_failed_check_code = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text=(
+            "Prolific's code for a rater who failed the declared attention checks (exclusion rule "
+            "failed_catch_trials); empty: the completion code."
+        ),
+    )
+    mturk_sandbox = models.BooleanField(
+        "Take MTurk sandbox workers (as pilots)",
+        default=True,
+        help_text=(
+            "Workers arriving from MTurk's sandbox (workersandbox.mturk.com: you and colleagues trying the "
+            "HIT unpaid) get pilot assignments, left out of the balance counts and the analysis. Untick it "
+            "once the HIT is on the live site, and sandbox workers are turned away."
+        ),
+    )
+    direct_link_open = models.BooleanField(
+        default=True, help_text="Whether the plain study link (no Prolific or MTurk ids) takes new raters."
+    )
+    max_raters = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Completed plus in-progress assignments at which the study is full; empty: no limit.",
+    )
+    consent_text = models.TextField(
+        blank=True,
+        help_text="The consent form's text (blank lines separate paragraphs); empty: a default text.",
+    )
+    pay = models.CharField(max_length=100, blank=True, help_text='e.g. "GBP 1.50 on completion".')
+    expected_minutes = models.PositiveSmallIntegerField(
+        "expected duration (min)",
+        null=True,
+        blank=True,
+        help_text="Told to raters on the consent page; empty: not stated.",
+    )
+    contact = models.CharField(
+        "researcher contact", max_length=200, blank=True, help_text="Name and e-mail address for questions."
+    )
+    ethics_reference = models.CharField(
+        "ethics approval reference", max_length=200, blank=True, help_text="Review board and approval number."
+    )
+    debrief_text = models.TextField(
+        blank=True,
+        help_text="Shown after the last answer (blank lines separate paragraphs); empty: a default.",
+    )
+    example_pair = models.ForeignKey(
+        "ClassPair",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text=(
+            "A pair kept for the instructions' example and the MTurk preview; it is never assigned to "
+            "raters. Empty: each rater's example comes from a pair they are not assigned."
+        ),
+    )
     excluded_studies = models.ManyToManyField(
         "self",
         symmetrical=False,
@@ -111,7 +262,22 @@ class Study(models.Model):
             '"incomplete": true}: raters these rules exclude are reported and left out of the analysis.'
         ),
     )
-    seed = models.PositiveIntegerField("random seed", default=0)
+    preregistration = models.JSONField(
+        "analysis plan (pre-registration)",
+        default=dict,
+        blank=True,
+        help_text=(
+            'Chosen before launch, frozen at launch, e.g. {"contrasts": "pairwise", "headline": '
+            '"ours vs cve | consistent", "alpha": 0.05}; keys left out take the defaults of '
+            "studies.preregistration."
+        ),
+    )
+    preregistered_at = models.DateTimeField(null=True, blank=True, help_text="When the plan was frozen.")
+    seed = models.PositiveIntegerField(
+        "random seed",
+        default=0,
+        help_text="Fixes the test images of each pair and every rater's orders; recorded with the data.",
+    )
     catch_trials_per_pair = models.PositiveSmallIntegerField(
         "catch trials per class pair",
         default=0,
@@ -123,7 +289,24 @@ class Study(models.Model):
         help_text="Answers faster than this are flagged as too fast (kept, and reported).",
     )
     version = models.PositiveIntegerField(default=1, help_text="Raised on each launch; frozen while live.")
-    launched_at = models.DateTimeField(null=True, blank=True)
+    copied_from = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="copies",
+        help_text="The study this draft was copied from.",
+    )
+    copied_from_version = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The version of that study's design it was copied from."
+    )
+    unblinded_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a researcher looked at accuracy by condition before closing."
+    )
+    unblinded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    launched_at = models.DateTimeField(null=True, blank=True, help_text="When the study last went live.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -149,14 +332,34 @@ class Study(models.Model):
     # What raters experience; frozen while the study is live or closed.
     DESIGN_FIELDS = (
         "dataset_id", "classifier_id", "n_prelearning", "n_learning", "n_test", "label_a", "label_b",
-        "blur_sigma", "design", "pairs_per_assignment", "min_learning_seconds", "time_limit_minutes", "seed",
-        "exclusion_rules", "catch_trials_per_pair", "min_rt_ms",
+        "blur_sigma", "stimulus_region", "design", "pairs_per_assignment", "min_learning_seconds",
+        "time_limit_minutes", "seed", "exclusion_rules", "catch_trials_per_pair", "min_rt_ms",
+        "example_pair_id", "preregistration",
+    )  # fmt: skip
+
+    FROZEN_STATUSES = frozenset({"live", "paused", "closed"})
+
+    # The fields a researcher may still edit once the study is frozen: its name and notes and the recruitment
+    # settings raters never see as part of the design (a subset of migration 0005's MUTABLE_COLUMNS, which the
+    # database enforces). Every other field is read-only on a frozen study's page.
+    EDITABLE_WHEN_FROZEN = frozenset(
+        {
+            "title", "description", "completion_code", "prolific_completion_code", "mturk_sandbox",
+            "direct_link_open", "max_raters", "prolific_failed_check_code", "prolific_timeout_code",
+            "consent_text", "pay", "expected_minutes", "contact", "ethics_reference", "debrief_text",
+        }
     )  # fmt: skip
 
     @property
     def is_frozen(self) -> bool:
-        """A live or closed study's design can no longer change."""
-        return self.status in {self.Status.LIVE, self.Status.CLOSED}
+        """A live, paused or closed study's design, trials and responses can no longer change (the database
+        refuses too: migration 0005's triggers)."""
+        return self.status in self.FROZEN_STATUSES
+
+    @property
+    def accuracy_visible(self) -> bool:
+        """Accuracy by condition is blinded while raters are still arriving, unless a researcher unblinded."""
+        return self.status == self.Status.CLOSED or self.unblinded_at is not None
 
     def frozen_message(self) -> str:
         return FROZEN_MESSAGE.format(title=self.title, status=self.status, version=self.version)
@@ -180,9 +383,17 @@ class Study(models.Model):
             errors["label_b"] = (
                 f"Both classes would be shown as {self.label_a!r}; give class B another label."
             )
+        if self.example_pair_id and self.example_pair.study_id != self.pk:
+            errors["example_pair"] = (
+                f"Pair {self.example_pair} belongs to study {self.example_pair.study_id}; choose one of this "
+                "study's pairs as its example pair."
+            )
         rules_error = exclusion_rules_problem(self.exclusion_rules)
         if rules_error:
             errors["exclusion_rules"] = rules_error
+        plan_error = plan_problem(self.preregistration)
+        if plan_error:
+            errors["preregistration"] = plan_error
         if self.pk:
             stored = Study.objects.filter(pk=self.pk).first()
             if stored is not None and stored.is_frozen:
@@ -251,7 +462,9 @@ class ClassPair(models.Model):
 class Condition(models.Model):
     class Setup(models.TextChoices):
         RANDOM = "random", "random image pairs"
-        SEMANTIC = "semantic", "semantically consistent image pairs"
+        # "consistent", not "semantic": a method is called semantic (Vandenhende et al. 2022), and labels like
+        # "(semantic vs scout) x (semantic vs random)" must not be ambiguous.
+        CONSISTENT = "consistent", "semantically consistent image pairs"
 
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="conditions")
     method = models.CharField(max_length=64, help_text="A registered counterfactual method.")
@@ -277,6 +490,29 @@ class Condition(models.Model):
                     f"Registered methods: {', '.join(method_names())}."
                 }
             )
+
+
+class ConsentText(models.Model):
+    """One version of a study's consent form, as raters saw it; each assignment records the one agreed to."""
+
+    study = models.ForeignKey(Study, on_delete=models.PROTECT, related_name="consent_texts")
+    text = models.TextField()
+    digest = models.CharField(max_length=64, help_text="SHA-256 of the text.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["study", "created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["study", "digest"], name="consent_text_unique_per_study"),
+        ]
+
+    def __str__(self) -> str:
+        return f"consent {self.digest[:12]} of study {self.study_id}"
+
+
+def new_rater_token() -> str:
+    """An unguessable token (192 random bits) that carries a rater's place in their URLs."""
+    return secrets.token_urlsafe(24)
 
 
 class Rater(models.Model):
@@ -330,9 +566,28 @@ class Assignment(models.Model):
     seed = models.BigIntegerField(
         help_text="Seeds image order and the left/right order of the answer buttons."
     )
-    completion_code = models.CharField(max_length=64, blank=True)
+    token = models.CharField(
+        max_length=64,
+        unique=True,
+        default=new_rater_token,
+        editable=False,
+        help_text="The rater's place in their URLs: works without cookies (MTurk's cross-site frame).",
+    )
+    completion_code = models.CharField(max_length=64, blank=True, help_text="The rater's own code.")
+    is_pilot = models.BooleanField(
+        default=False,
+        help_text="A researcher trying the study as a rater; left out of balance counts and of the analysis.",
+    )
     exclusion_reason = models.CharField(max_length=200, blank=True)
     consented_at = models.DateTimeField(null=True, blank=True)
+    consent = models.ForeignKey(
+        ConsentText,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="assignments",
+        help_text="The consent text the rater agreed to.",
+    )
     instructed_at = models.DateTimeField(null=True, blank=True)
     example_explanation = models.ForeignKey(
         "explain.Explanation",
@@ -350,6 +605,9 @@ class Assignment(models.Model):
         indexes = [models.Index(fields=["study", "status", "started_at"], name="assignment_study_status")]
         constraints = [
             models.UniqueConstraint(fields=["rater", "study"], name="assignment_one_per_rater_and_study"),
+            models.UniqueConstraint(
+                fields=["completion_code"], condition=~Q(completion_code=""), name="assignment_code_unique"
+            ),
             models.CheckConstraint(
                 condition=Q(status="completed", completed_at__isnull=False) | ~Q(status="completed"),
                 name="assignment_completed_has_time",
@@ -503,3 +761,73 @@ class RaterEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} in assignment {self.assignment_id}"
+
+
+class Correction(models.Model):
+    """An annotation on a frozen study's data: who, when, why, and what the analysis should read instead.
+
+    The data stay as collected (the database refuses changes); the analysis applies corrections on top and the
+    report lists them. Corrections are append-only: a mistaken one is withdrawn by a later one.
+    """
+
+    class Kind(models.TextChoices):
+        ANSWER_KEY = "answer_key", "the trial's correct answer was wrong"
+        DROP_RESPONSE = "drop_response", "leave this response out of the analysis"
+        DROP_ASSIGNMENT = "drop_assignment", "leave this rater's assignment out of the analysis"
+        WITHDRAW = "withdraw", "withdraw an earlier correction"
+
+    study = models.ForeignKey(Study, on_delete=models.PROTECT, related_name="corrections")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    trial = models.ForeignKey(Trial, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    assignment = models.ForeignKey(
+        Assignment, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    withdrawn = models.OneToOneField(
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="withdrawn_by"
+    )
+    corrected_answer = models.CharField(
+        max_length=1, blank=True, help_text="For an answer-key correction: A or B."
+    )
+    reason = models.TextField(help_text="Why; shown in the report beside the correction.")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["study", "created_at", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(kind="answer_key", trial__isnull=False, corrected_answer__in=["A", "B"])
+                    | Q(kind="drop_response", trial__isnull=False, corrected_answer="")
+                    | Q(kind="drop_assignment", assignment__isnull=False, corrected_answer="")
+                    | Q(kind="withdraw", withdrawn__isnull=False, corrected_answer="")
+                ),
+                name="correction_names_what_it_corrects",
+            ),
+            models.CheckConstraint(condition=~Q(reason=""), name="correction_has_a_reason"),
+        ]
+
+    def __str__(self) -> str:
+        return f"correction {self.pk} ({self.kind}) of study {self.study_id}"
+
+
+class AuditEntry(models.Model):
+    """One change a researcher made to a study, its conditions, pairs, exclusions or launch state.
+
+    Append-only (the database refuses updates and deletes); shown on the study page, exported with the data.
+    """
+
+    study = models.ForeignKey(Study, on_delete=models.PROTECT, related_name="audit_entries")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    action = models.CharField(max_length=64, help_text="e.g. changed, launched, condition added.")
+    detail = models.JSONField(default=dict, blank=True, help_text="What changed: field -> [before, after].")
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["study", "at", "id"]
+        verbose_name_plural = "audit entries"
+
+    def __str__(self) -> str:
+        return f"{self.action} on study {self.study_id} at {self.at:%Y-%m-%d %H:%M}"

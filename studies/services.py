@@ -6,22 +6,26 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
-from django.db.models import Case, Count, Q, Value, When
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
-from explain.models import Classifier, ClassLabel, Dataset, Explanation
+from explain.models import Classifier, ClassLabel, Dataset, Explanation, ExplanationDistractor
 from explain.selectors import usable_explanations
 
 from .models import (
     Assignment,
+    AuditEntry,
     Block,
     ClassPair,
     Condition,
+    ConsentText,
+    Correction,
     Phase,
     ProviderIdentity,
     Rater,
@@ -30,11 +34,14 @@ from .models import (
     Study,
     Trial,
 )
+from .preregistration import plan_resolve
+from .recruitment import ConsentDocument, consent_document, mturk_is_sandbox
 from .selectors import (
-    assignment_step,
-    pair_test_images,
+    assignment_upcoming,
     rater_took_excluded_study,
+    study_closed_reason,
     study_missing_stimuli,
+    study_test_images,
 )
 
 
@@ -45,7 +52,7 @@ def study_create(
     dataset: Dataset,
     classifier: Classifier,
     methods: Iterable[str] = (),
-    setups: Iterable[str] = (Condition.Setup.RANDOM, Condition.Setup.SEMANTIC),
+    setups: Iterable[str] = (Condition.Setup.RANDOM, Condition.Setup.CONSISTENT),
     pairs: Iterable[tuple[ClassLabel, ClassLabel]] = (),
     **design: Any,
 ) -> Study:
@@ -100,6 +107,10 @@ def study_launch(*, study: Study) -> Study:
     study = Study.objects.select_for_update().get(pk=study.pk)
     if study.status == Study.Status.LIVE:
         return study
+    if study.status == Study.Status.PAUSED:  # resume: same version, same raters
+        study.status = Study.Status.LIVE
+        study.save(update_fields=["status", "updated_at"])
+        return study
     if study.status not in {Study.Status.READY, Study.Status.CLOSED}:
         raise ValidationError(
             f"Study {study.title!r} is {study.status}; only a ready study can go live. "
@@ -111,6 +122,13 @@ def study_launch(*, study: Study) -> Study:
     if not study.conditions.exists():
         problems.append("it has no conditions (method x pair-selection setup)")
     missing = study_missing_stimuli(study=study)
+    if (
+        study.example_pair_id is not None
+        and not usable_explanations(
+            Explanation.objects.filter(study=study, pair_id=study.example_pair_id)
+        ).exists()
+    ):
+        problems.append(f"its example pair {study.example_pair} has no stimulus to show; precompute it")
     if missing:
         listed = "; ".join(
             f"{m['pair']} / {m['condition']}: {m['have']} of {m['need']}" for m in missing[:10]
@@ -121,37 +139,215 @@ def study_launch(*, study: Study) -> Study:
         )
     if problems:
         raise ValidationError(f"Study {study.title!r} cannot go live: {'; '.join(problems)}.")
+    first_launch = study.status == Study.Status.READY
     if study.status == Study.Status.CLOSED:
         study.version += 1
     study.status, study.launched_at = Study.Status.LIVE, timezone.now()
-    study.save(update_fields=["status", "version", "launched_at", "updated_at"])
+    fields = ["status", "version", "launched_at", "updated_at"]
+    if first_launch and study.preregistered_at is None:
+        # The analysis plan is frozen at the first launch, with the exclusion rules declared then. A closed
+        # study launched before plans were recorded has none, and its frozen data cannot gain one afterwards.
+        study.preregistered_at = study.launched_at
+        study.preregistration = plan_resolve(
+            study.preregistration,
+            exclusion_rules=study.exclusion_rules,
+            frozen_at=study.launched_at.isoformat(),
+        )
+        fields += ["preregistration", "preregistered_at"]
+    study.save(update_fields=fields)
     return study
 
 
 def study_close(*, study: Study) -> Study:
-    if study.status != Study.Status.LIVE:
-        raise ValidationError(f"Study {study.title!r} is {study.status}; only a live study can be closed.")
+    if study.status not in {Study.Status.LIVE, Study.Status.PAUSED}:
+        raise ValidationError(
+            f"Study {study.title!r} is {study.status}; only a live or paused study can be closed."
+        )
     study.status = Study.Status.CLOSED
     study.save(update_fields=["status", "updated_at"])
     return study
 
 
+def study_pause(*, study: Study) -> Study:
+    """Stop taking new raters; those already working may finish. Launch resumes it (same version)."""
+    if study.status != Study.Status.LIVE:
+        raise ValidationError(f"Study {study.title!r} is {study.status}; only a live study can be paused.")
+    study.status = Study.Status.PAUSED
+    study.save(update_fields=["status", "updated_at"])
+    return study
+
+
+# What a copy does not take over: identity, state and history. Every other field (the design, recruitment
+# settings, and fields added later) is copied.
+NOT_COPIED = {
+    "id", "title", "status", "version", "launched_at", "created_at", "updated_at", "copied_from",
+    "copied_from_version", "unblinded_at", "unblinded_by",
+}  # fmt: skip
+
+
 @transaction.atomic
+def study_copy(*, study: Study, user: Any = None, title: str = "") -> Study:
+    """A new draft with the same design, class pairs, conditions and excluded studies; it notes the study
+    and the version it was copied from. Its stimuli are precomputed afresh."""
+    copy = Study(
+        title=title or f"{study.title} (copy of v{study.version})",
+        copied_from=study,
+        copied_from_version=study.version,
+        **{
+            f.attname: getattr(study, f.attname)
+            for f in Study._meta.concrete_fields
+            if f.name not in NOT_COPIED and not f.auto_created
+        },
+    )
+    copy.full_clean()
+    copy.save()
+    copy.excluded_studies.set(study.excluded_studies.all())
+    for pair in study.pairs.all():
+        class_pair_add(
+            study=copy,
+            class_a=pair.class_a,
+            class_b=pair.class_b,
+            mined_by=pair.mined_by,
+            confusion_score=pair.confusion_score,
+        )
+    for condition in study.conditions.all():
+        condition_add(study=copy, method=condition.method, setup=condition.setup)
+    audit_record(
+        study=copy,
+        user=user,
+        action="created as a copy",
+        detail={"copied_from": study.pk, "copied_from_version": study.version},
+    )
+    audit_record(study=study, user=user, action="copied", detail={"copy": copy.pk})
+    return copy
+
+
+def audit_record(*, study: Study, user: Any, action: str, detail: dict | None = None) -> AuditEntry:
+    """Append one researcher change to the study's audit log (never edited, never deleted)."""
+    user_id = getattr(user, "pk", None)
+    return AuditEntry.objects.create(study=study, user_id=user_id, action=action, detail=detail or {})
+
+
+@transaction.atomic
+def conditions_set(*, study: Study, chosen: Iterable[tuple[str, str]], user: Any = None) -> dict:
+    """Make the study's conditions exactly ``chosen`` (method, setup) pairs; returns what was added and
+    removed. A frozen study refuses any change."""
+    wanted = set(chosen)
+    current = {(c.method, c.setup): c for c in study.conditions.all()}
+    added, removed = sorted(wanted - set(current)), sorted(set(current) - wanted)
+    if (added or removed) and study.is_frozen:
+        raise ValidationError(study.frozen_message())
+    for method, setup in removed:
+        current[(method, setup)].delete()
+    for method, setup in added:
+        condition_add(study=study, method=method, setup=setup)
+    if added or removed:
+        audit_record(
+            study=study,
+            user=user,
+            action="conditions changed",
+            detail={"added": [f"{m} / {s}" for m, s in added], "removed": [f"{m} / {s}" for m, s in removed]},
+        )
+    return {"added": added, "removed": removed}
+
+
+def study_unblind(*, study: Study, user: Any) -> Study:
+    """Show accuracy by condition before the study closes; recorded here, in the audit log and the report."""
+    if study.unblinded_at is None:
+        study.unblinded_at, study.unblinded_by = timezone.now(), user
+        study.save(update_fields=["unblinded_at", "unblinded_by", "updated_at"])
+        audit_record(study=study, user=user, action="unblinded accuracy by condition", detail={})
+    return study
+
+
+@transaction.atomic
+def correction_add(
+    *,
+    study: Study,
+    kind: str,
+    reason: str,
+    author: Any,
+    trial: Trial | None = None,
+    assignment: Assignment | None = None,
+    corrected_answer: str = "",
+    withdrawn: Correction | None = None,
+) -> Correction:
+    """Annotate a frozen study's data; the analysis applies it, the report lists it, the data stay as is."""
+    if trial is not None and trial.block.assignment.study_id != study.pk:
+        raise ValidationError(f"Trial {trial.pk} belongs to another study, not to {study.title!r}.")
+    if assignment is not None and assignment.study_id != study.pk:
+        raise ValidationError(f"Assignment {assignment.pk} belongs to another study, not to {study.title!r}.")
+    if withdrawn is not None and withdrawn.study_id != study.pk:
+        raise ValidationError(f"Correction {withdrawn.pk} belongs to another study, not to {study.title!r}.")
+    if kind == Correction.Kind.ANSWER_KEY and trial is not None and trial.phase == Phase.LEARNING:
+        raise ValidationError(f"Trial {trial.pk} is a learning trial; it has no answer key to correct.")
+    if not reason or not reason.strip():
+        raise ValidationError("A correction needs a reason; say why, it is printed in the report.")
+    correction = Correction(
+        study=study,
+        kind=kind,
+        trial=trial,
+        assignment=assignment,
+        corrected_answer=corrected_answer,
+        withdrawn=withdrawn,
+        reason=reason.strip(),
+        author=author,
+    )
+    correction.full_clean()
+    correction.save()
+    audit_record(
+        study=study,
+        user=author,
+        action="correction recorded",
+        detail={"correction": correction.pk, "kind": kind, "reason": correction.reason},
+    )
+    return correction
+
+
+@transaction.atomic
+def pilot_assignment_create(*, study: Study, user: Any) -> Assignment:
+    """A new pilot assignment for a researcher trying the study as a rater (before or after launch): its
+    responses are flagged pilot, it does not count towards balance and the analysis leaves it out."""
+    rater = Rater.objects.create()
+    ProviderIdentity.objects.create(
+        rater=rater,
+        provider=ProviderIdentity.Provider.DIRECT,
+        external_id=f"pilot-{getattr(user, 'pk', 'anonymous')}-{secrets.token_hex(6)}",
+        extra={"pilot": True},
+    )
+    consent = consent_text_store(study=study, document=consent_document(study))
+    assignment = assignment_create(  # consented: the researcher starts at the instructions
+        study=study, rater=rater, provider=ProviderIdentity.Provider.DIRECT, pilot=True, consent=consent
+    )
+    audit_record(study=study, user=user, action="pilot assignment", detail={"assignment": assignment.pk})
+    return assignment
+
+
 def rater_identify(
     *, provider: str, external_id: str, extra: dict | None = None, simulated: bool = False
 ) -> Rater:
     """The rater behind a provider identity, created on first sight."""
-    identity = ProviderIdentity.objects.select_related("rater").filter(
-        provider=provider, external_id=external_id
+    return _identity_get_or_create(provider, external_id, extra or {}, simulated)[0].rater
+
+
+@transaction.atomic
+def _identity_get_or_create(
+    provider: str, external_id: str, extra: dict, simulated: bool
+) -> tuple[ProviderIdentity, bool]:
+    """The provider identity (with its rater), and whether it was created now. The database's unique
+    constraint keeps it unique: a concurrent arrival of the same person raises ``IntegrityError`` here."""
+    found = (
+        ProviderIdentity.objects.select_related("rater")
+        .filter(provider=provider, external_id=external_id)
+        .first()
     )
-    found = identity.first()
     if found is not None:
-        return found.rater
+        return found, False
     rater = Rater.objects.create(is_simulated=simulated)
-    identity = ProviderIdentity(rater=rater, provider=provider, external_id=external_id, extra=extra or {})
-    identity.full_clean(exclude=["rater"])
+    identity = ProviderIdentity(rater=rater, provider=provider, external_id=external_id, extra=extra)
+    identity.full_clean(exclude=["rater"], validate_unique=False, validate_constraints=False)
     identity.save()
-    return rater
+    return identity, True
 
 
 class ResponseConflict(ValidationError):
@@ -187,24 +383,23 @@ def response_submit(
             f"Assignment {trial.block.assignment_id} is {trial.block.assignment.status}; "
             "it takes no more answers."
         )
-    existing = Response.objects.filter(trial=trial).first()
-    if existing is None:
-        response = Response(
-            trial=trial,
-            phase=trial.phase,
-            answer=answer,
-            client_rt_ms=client_rt_ms,
-            client_sent_at=client_sent_at,
-            server_rt_ms=server_rt_ms,
-            too_fast=too_fast,
-        )
-        response.full_clean(exclude=["trial"], validate_unique=False)
-        try:
-            with transaction.atomic():
-                response.save()
-            return response, True
-        except IntegrityError:
-            existing = Response.objects.get(trial=trial)  # a concurrent duplicate won the race
+    response = Response(
+        trial=trial,
+        phase=trial.phase,
+        answer=answer,
+        client_rt_ms=client_rt_ms,
+        client_sent_at=client_sent_at,
+        server_rt_ms=server_rt_ms,
+        too_fast=too_fast,
+    )
+    # The answer was checked against the phase above; the database checks it again (a CheckConstraint).
+    response.full_clean(exclude=["trial"], validate_unique=False, validate_constraints=False)
+    try:
+        with transaction.atomic():
+            response.save()
+        return response, True
+    except IntegrityError:  # answered before: a repeat, or a concurrent duplicate that won the race
+        existing = Response.objects.get(trial=trial)
     if existing.answer != answer:
         raise ResponseConflict(
             f"Trial {trial.pk} was already answered {existing.answer!r}; "
@@ -241,7 +436,7 @@ def _cell_counts(study: Study, now: datetime) -> Counter:
         assignment__started_at__gte=assignment_cutoff(study=study, now=now),
     )
     rows = (
-        Block.objects.filter(live, assignment__study=study)
+        Block.objects.filter(live, assignment__study=study, assignment__is_pilot=False)
         .values("pair_id", "condition_id")
         .annotate(n=Count("pk"))
     )
@@ -249,42 +444,119 @@ def _cell_counts(study: Study, now: datetime) -> Counter:
 
 
 def _blocks_plan(
-    study: Study, pairs: list[ClassPair], conditions: list[Condition], counts: Counter, rng: random.Random
-) -> list[tuple[ClassPair, Condition]]:
-    """Balanced (pair, condition) blocks for one new rater, in the order they will see them."""
+    study: Study, pairs: list[int], conditions: list[int], counts: Counter, rng: random.Random
+) -> list[tuple[int, int]]:
+    """Balanced (pair id, condition id) blocks for one new rater, in the order they will see them."""
     k = min(study.pairs_per_assignment or len(pairs), len(pairs))
-    plan: list[tuple[ClassPair, Condition]] = []
+    plan: list[tuple[int, int]] = []
     if study.design == Study.Design.BETWEEN:
-        condition = _least(conditions, lambda c: sum(counts[(p.pk, c.pk)] for p in pairs), rng)
+        condition = _least(conditions, lambda c: sum(counts[(p, c)] for p in pairs), rng)
         remaining = list(pairs)
         for _ in range(k):
-            pair = _least(remaining, lambda p: counts[(p.pk, condition.pk)], rng)
+            pair = _least(remaining, lambda p: counts[(p, condition)], rng)
             remaining.remove(pair)
             plan.append((pair, condition))
     else:
         remaining = list(pairs)
         used: Counter = Counter()
         for _ in range(k):
-            pair = _least(remaining, lambda p: sum(counts[(p.pk, c.pk)] for c in conditions), rng)
+            pair = _least(remaining, lambda p: sum(counts[(p, c)] for c in conditions), rng)
             remaining.remove(pair)
-            condition = _least(conditions, lambda c, p=pair: (used[c.pk], counts[(p.pk, c.pk)]), rng)
-            used[condition.pk] += 1
+            condition = _least(conditions, lambda c, p=pair: (used[c], counts[(p, c)]), rng)
+            used[condition] += 1
             plan.append((pair, condition))
     rng.shuffle(plan)
     return plan
 
 
-def _block_trials(
-    study: Study, block: Block, test_images: list[tuple[int, str]], rng: random.Random
-) -> list[Trial]:
-    """Pre-learning, learning and test trials of one block; orders drawn from the rater's ``rng``."""
-    explanations = list(
-        usable_explanations(
-            Explanation.objects.filter(study=study, pair=block.pair, condition=block.condition)
+class Stimulus(NamedTuple):
+    """A usable explanation as a new assignment needs it (ids only)."""
+
+    pk: int
+    pair_id: int
+    condition_id: int
+    query_image_id: int
+    distractor_image_ids: tuple[int, ...]  # by rank
+
+
+@dataclass(frozen=True)
+class StudyMaterial:
+    """What every new assignment of a study draws from, whoever the rater: the assignable pairs and the
+    conditions (ids, by pk), each pair's test images (``pair_test_images``) and each (pair, condition) cell's
+    usable explanations (by pk)."""
+
+    pairs: list[int]
+    conditions: list[int]
+    test_images: dict[int, list[tuple[int, str]]]
+    stimuli: dict[tuple[int, int], list[Stimulus]]
+
+
+# A frozen study's material changes only if its explanations or its data set's images are edited while it is
+# live; a new assignment may draw from a copy this many seconds old (each web process reads it once a period).
+MATERIAL_CACHE_SECONDS = 60
+
+
+def study_material(*, study: Study) -> StudyMaterial:
+    """The study's ``StudyMaterial``: six queries, however many pairs, conditions and stimuli; for a live or
+    paused study read once and kept in the cache (``MATERIAL_CACHE_SECONDS``), keyed by everything of the
+    study it depends on, so a relaunch (a new version) reads it afresh."""
+    key = None
+    if study.is_frozen:
+        depends_on = (
+            study.pk, study.version, study.launched_at and study.launched_at.timestamp(), study.seed,
+            study.n_prelearning, study.n_test, study.dataset_id, study.classifier_id, study.example_pair_id,
+        )  # fmt: skip
+        key = "foil:study-material:" + ":".join(str(v) for v in depends_on)
+        found = cache.get(key)
+        if found is not None:
+            return found
+    pairs = list(study.pairs.exclude(pk=study.example_pair_id).order_by("pk"))
+    conditions = list(study.conditions.order_by("pk").values_list("pk", flat=True))
+    test_images = study_test_images(study=study, pairs=pairs) if pairs and conditions else {}
+    usable = usable_explanations(Explanation.objects.filter(study=study)).order_by("pk")
+    distractors: dict[int, list[int]] = {}
+    for explanation_id, image_id in ExplanationDistractor.objects.filter(
+        explanation__study=study
+    ).values_list("explanation_id", "image_id"):  # by explanation and rank (the model's ordering)
+        distractors.setdefault(explanation_id, []).append(image_id)
+    stimuli: dict[tuple[int, int], list[Stimulus]] = {}
+    for pk, pair_id, condition_id, query_image_id in usable.values_list(
+        "pk", "pair_id", "condition_id", "query_image_id"
+    ):
+        stimuli.setdefault((pair_id, condition_id), []).append(
+            Stimulus(pk, pair_id, condition_id, query_image_id, tuple(distractors.get(pk, ())))
         )
-        .prefetch_related("distractor_links")
-        .order_by("pk")[: study.n_learning]
-    )
+    material = StudyMaterial([p.pk for p in pairs], conditions, test_images, stimuli)
+    if key is not None:
+        cache.set(key, material, timeout=MATERIAL_CACHE_SECONDS)
+    return material
+
+
+def _example_for(study: Study, material: StudyMaterial, plan: list[tuple[int, int]]) -> int | None:
+    """The instructions' example for a rater taught ``plan``: from the study's example pair when it has one,
+    else from a pair the rater is not assigned (never one of their own stimuli), preferring the rater's
+    conditions; None when there is none."""
+    pair_ids, condition_ids = {p for p, _ in plan}, {c for _, c in plan}
+    candidates = [
+        e
+        for (pair_id, _), found in material.stimuli.items()
+        if pair_id not in pair_ids and (study.example_pair_id is None or pair_id == study.example_pair_id)
+        for e in found
+    ]
+    example = min(candidates, key=lambda e: (e.condition_id not in condition_ids, e.pk), default=None)
+    return example.pk if example else None
+
+
+def _block_trials(
+    study: Study,
+    block: Block,
+    test_images: list[tuple[int, str]],
+    usable: list[Stimulus],
+    rng: random.Random,
+) -> list[Trial]:
+    """Pre-learning, learning and test trials of one block (the first ``n_learning`` of its cell's ``usable``
+    explanations); orders drawn from the rater's ``rng``."""
+    explanations = usable[: study.n_learning]
     if len(explanations) < study.n_learning:
         raise ValidationError(
             f"Pair {block.pair_id} / condition {block.condition_id} has {len(explanations)} flipped "
@@ -295,7 +567,7 @@ def _block_trials(
         for i, (image_id, side) in enumerate(rng.sample(test_images, len(test_images))[: study.n_prelearning])
     ]
     trials += [
-        Trial(block=block, phase=Phase.LEARNING, position=i, explanation=e)
+        Trial(block=block, phase=Phase.LEARNING, position=i, explanation_id=e.pk)
         for i, e in enumerate(rng.sample(explanations, len(explanations)))
     ]
     test = [
@@ -304,68 +576,15 @@ def _block_trials(
     ]
     for i, e in enumerate(rng.sample(explanations, min(study.catch_trials_per_pair, len(explanations)))):
         # A catch trial shows a learning stimulus again; the rater was just told which class it shows.
-        distractors = list(e.distractor_links.all())
-        if i % 2 == 1 and distractors:
-            catch = Trial(phase=Phase.TEST, image_id=distractors[0].image_id, correct_answer="B")
+        if i % 2 == 1 and e.distractor_image_ids:
+            catch = Trial(phase=Phase.TEST, image_id=e.distractor_image_ids[0], correct_answer="B")
         else:
             catch = Trial(phase=Phase.TEST, image_id=e.query_image_id, correct_answer="A")
-        catch.explanation, catch.is_catch = e, True
+        catch.explanation_id, catch.is_catch = e.pk, True
         test.insert(rng.randrange(len(test) + 1), catch)
     for i, trial in enumerate(test):
         trial.block, trial.position = block, i
     return trials + test
-
-
-@transaction.atomic
-def assignment_create(
-    *, study: Study, rater: Rater, provider: str, seed: int | None = None, now: datetime | None = None
-) -> Assignment:
-    """A new assignment with all its blocks and trials, balanced across conditions and class pairs.
-
-    Balance counts completed assignments plus those started within the time limit, so that dropouts are
-    refilled. The study row is locked while counting, so concurrent arrivals are balanced too. ``seed`` (drawn
-    at random when not given, and recorded) fixes the rater's image orders and answer-button sides.
-    """
-    now = now or timezone.now()
-    study = Study.objects.select_for_update().get(pk=study.pk)
-    existing = Assignment.objects.filter(rater=rater, study=study).first()
-    if existing is not None:
-        return existing
-    assignments_time_out(study=study, now=now)
-    pairs = list(study.pairs.order_by("pk"))
-    conditions = list(study.conditions.order_by("pk"))
-    if not pairs or not conditions:
-        raise ValidationError(
-            f"Study {study.title!r} has {len(pairs)} class pairs and {len(conditions)} conditions; "
-            "it needs at least one of each before raters can be assigned."
-        )
-    seed = secrets.randbits(62) if seed is None else seed
-    rng = random.Random(seed)
-    plan = _blocks_plan(study, pairs, conditions, _cell_counts(study, now), rng)
-    assignment = Assignment.objects.create(
-        rater=rater, study=study, study_version=study.version, provider=provider, seed=seed
-    )
-    trials: list[Trial] = []
-    for position, (pair, condition) in enumerate(plan):
-        block = Block.objects.create(
-            assignment=assignment,
-            position=position,
-            pair=pair,
-            condition=condition,
-            a_on_left=rng.random() < 0.5,
-        )
-        trials += _block_trials(study, block, pair_test_images(study=study, pair=pair), rng)
-    Trial.objects.bulk_create(trials)
-    learned = [t.explanation_id for t in trials if t.explanation_id]
-    example = (
-        usable_explanations(Explanation.objects.filter(study=study, condition__in={c for _, c in plan}))
-        .exclude(pk__in=learned)
-        .order_by(Case(When(pair__in=[p for p, _ in plan], then=Value(1)), default=Value(0)), "pk")
-        .first()
-    )
-    assignment.example_explanation_id = example.pk if example else (learned[0] if learned else None)
-    assignment.save(update_fields=["example_explanation"])
-    return assignment
 
 
 class RaterRefused(Exception):
@@ -376,15 +595,102 @@ class RaterRefused(Exception):
         self.reason, self.message = reason, message
 
 
-def _identify(provider: str, external_id: str, extra: dict, simulated: bool) -> Rater:
-    try:
-        return rater_identify(provider=provider, external_id=external_id, extra=extra, simulated=simulated)
-    except IntegrityError:  # the same person arrived twice at once; the other request created them
-        return (
-            ProviderIdentity.objects.select_related("rater")
-            .get(provider=provider, external_id=external_id)
-            .rater
+@transaction.atomic
+def assignment_create(
+    *,
+    study: Study,
+    rater: Rater,
+    provider: str,
+    seed: int | None = None,
+    now: datetime | None = None,
+    pilot: bool = False,
+    consent: ConsentText | None = None,
+) -> Assignment:
+    """A new assignment with all its blocks and trials, balanced across conditions and class pairs.
+
+    Balance counts completed assignments plus those started within the time limit, so that dropouts are
+    refilled. The study row is locked while counting, so concurrent arrivals are balanced too (and a full
+    study, ``Study.max_raters``, refuses with ``RaterRefused``). ``seed`` (drawn at random when not given, and
+    recorded) fixes the rater's image orders and answer-button sides. The example pair is never assigned.
+    ``consent``: the consent text the rater agreed to, recorded with the assignment.
+
+    A constant number of statements, however many pairs and trials: the study's material (``study_material``,
+    cached), the time-out update, then under the study lock the existing assignment, the balance counts and
+    three inserts (the assignment, its blocks, its trials).
+    """
+    now = now or timezone.now()
+    if consent is not None and consent.study_id != study.pk:
+        raise ValidationError(
+            f"Consent text {consent.pk} belongs to study {consent.study_id}, not to study {study.pk}."
         )
+    # Everything that does not depend on the other raters is read before the study row is locked: when a crowd
+    # arrives at once, their arrivals queue on that lock, so it is held only for counting and writing.
+    assignments_time_out(study=study, now=now)
+    material = study_material(study=study)
+    if not material.pairs or not material.conditions:
+        raise ValidationError(
+            f"Study {study.title!r} has {len(material.pairs)} class pairs and {len(material.conditions)} "
+            "conditions; it needs at least one of each before raters can be assigned."
+        )
+    study = Study.objects.select_for_update().get(pk=study.pk)
+    existing = Assignment.objects.filter(rater=rater, study=study).first()
+    if existing is not None:
+        return existing
+    if study.max_raters is not None and not pilot:
+        closed = study_closed_reason(
+            study=study, provider=provider, cutoff=assignment_cutoff(study=study, now=now)
+        )
+        if closed is not None:
+            raise RaterRefused("closed", closed)
+    seed = secrets.randbits(62) if seed is None else seed
+    rng = random.Random(seed)
+    plan = _blocks_plan(study, material.pairs, material.conditions, _cell_counts(study, now), rng)
+    assignment = Assignment(
+        rater=rater, study=study, study_version=study.version, provider=provider, seed=seed, is_pilot=pilot
+    )
+    if consent is not None:
+        assignment.consent, assignment.consented_at = consent, now
+    blocks: list[Block] = []
+    trials: list[Trial] = []
+    for position, (pair_id, condition_id) in enumerate(plan):
+        block = Block(
+            assignment=assignment,
+            position=position,
+            pair_id=pair_id,
+            condition_id=condition_id,
+            a_on_left=rng.random() < 0.5,
+        )
+        blocks.append(block)
+        trials += _block_trials(
+            study,
+            block,
+            material.test_images[pair_id],
+            material.stimuli.get((pair_id, condition_id), []),
+            rng,
+        )
+    assignment.example_explanation_id = _example_for(study, material, plan)
+    assignment.save()
+    Block.objects.bulk_create(blocks)
+    Trial.objects.bulk_create(trials)
+    return assignment
+
+
+def _identify(
+    provider: str, external_id: str, extra: dict, simulated: bool, study: Study
+) -> tuple[Rater, bool]:
+    """The rater, and whether they are new. ``extra`` (the platform's ids) is kept for ``study`` as
+    ``identity_extra_update`` keeps it, in the same write as the identity for a new rater."""
+    stored = {**extra, f"study-{study.pk}": extra} if extra else {}
+    try:
+        identity, created = _identity_get_or_create(provider, external_id, stored, simulated)
+    except IntegrityError:  # the same person arrived twice at once; the other request created them
+        identity = ProviderIdentity.objects.select_related("rater").get(
+            provider=provider, external_id=external_id
+        )
+        created = False
+    if extra and not created:
+        _identity_extra_keep(identity, study, extra)
+    return identity.rater, created
 
 
 def assignment_for(
@@ -395,34 +701,66 @@ def assignment_for(
     extra: dict | None = None,
     simulated: bool = False,
     now: datetime | None = None,
+    consent: ConsentText | None = None,
 ) -> Assignment:
     """The assignment of the person behind a provider identity: theirs if they have one (to resume, or to see
-    their completion code again), else a new one. Refused (``RaterRefused``) when the study is not live, when
-    they ran out of time or returned it, or when they took a study this one excludes."""
+    their completion code again), else a new one (consented to ``consent`` when given). Refused
+    (``RaterRefused``) when the study is not live, when they ran out of time or returned it, or when they took
+    a study this one excludes."""
     now = now or timezone.now()
     if external_id is None or not str(external_id).strip():
         raise RaterRefused("no_id", f"No {provider} participant id was given; open the study from its link.")
-    rater = _identify(provider, str(external_id).strip(), extra or {}, simulated)
-    if extra:
-        identity = ProviderIdentity.objects.get(rater=rater, provider=provider)
-        identity.extra = {**identity.extra, f"study-{study.pk}": extra}
-        identity.save(update_fields=["extra"])
-    assignment = Assignment.objects.filter(rater=rater, study=study).first()
+    rater, new = _identify(provider, str(external_id).strip(), extra or {}, simulated, study)
+    # A rater first seen now has no assignment, in this study or an excluded one.
+    assignment = None if new else Assignment.objects.filter(rater=rater, study=study).first()
+    if assignment is not None:
+        assignment.rater = rater
     if assignment is None:
-        earlier = rater_took_excluded_study(rater_id=rater.pk, study=study)
+        earlier = None if new else rater_took_excluded_study(rater_id=rater.pk, study=study)
         if earlier is not None:
             raise RaterRefused(
                 "excluded",
                 "Thank you for your interest. You took part in an earlier, related study, so you "
                 "cannot take part in this one.",
             )
-        if study.status != Study.Status.LIVE:
-            raise RaterRefused("not_live", "This study is not open at the moment.")
+        # A HIT from MTurk's sandbox is someone trying it unpaid: a pilot, never data, and only while the
+        # study takes sandbox workers.
+        sandbox = provider == ProviderIdentity.Provider.MTURK and mturk_is_sandbox(
+            (extra or {}).get("turkSubmitTo", "")
+        )
+        if sandbox and not study.mturk_sandbox:
+            raise RaterRefused(
+                "sandbox",
+                "This study no longer takes workers from Mechanical Turk's sandbox. Please return the HIT; "
+                "nothing you did here is counted.",
+            )
+        closed = study_closed_reason(
+            study=study, provider=provider, cutoff=assignment_cutoff(study=study, now=now)
+        )
+        if closed is not None:
+            raise RaterRefused("closed", closed)
         try:
-            assignment = assignment_create(study=study, rater=rater, provider=provider, now=now)
+            assignment = assignment_create(
+                study=study, rater=rater, provider=provider, now=now, consent=consent, pilot=sandbox
+            )
         except IntegrityError:  # a concurrent request of the same rater created it first
             assignment = Assignment.objects.get(rater=rater, study=study)
     return assignment_check_time(assignment=assignment, now=now)
+
+
+def identity_extra_update(*, rater: Rater, provider: str, study: Study, extra: dict) -> ProviderIdentity:
+    """Keep the platform's latest ids for this study (MTurk gives a new assignmentId when a worker returns a
+    HIT and accepts it again; the final form must post the new one, or MTurk refuses it and the worker is not
+    paid)."""
+    return _identity_extra_keep(ProviderIdentity.objects.get(rater=rater, provider=provider), study, extra)
+
+
+def _identity_extra_keep(identity: ProviderIdentity, study: Study, extra: dict) -> ProviderIdentity:
+    key = f"study-{study.pk}"
+    if identity.extra.get(key) != extra:
+        identity.extra = {**identity.extra, key: extra}
+        identity.save(update_fields=["extra"])
+    return identity
 
 
 def assignment_check_time(*, assignment: Assignment, now: datetime | None = None) -> Assignment:
@@ -435,10 +773,37 @@ def assignment_check_time(*, assignment: Assignment, now: datetime | None = None
     return assignment
 
 
-def assignment_consent(*, assignment: Assignment) -> Assignment:
+def consent_text_store(*, study: Study, document: ConsentDocument) -> ConsentText:
+    """The stored version of a consent document (one row per distinct text of a study). A stored text never
+    changes (its digest is its identity), so the row is kept in the cache once read."""
+    key = f"foil:consent-text:{study.pk}:{document.digest}"
+    found = cache.get(key)
+    if found is not None:
+        return found
+    try:
+        with transaction.atomic():
+            found, created = ConsentText.objects.get_or_create(
+                study=study, digest=document.digest, defaults={"text": document.text}
+            )
+    except IntegrityError:  # stored by a concurrent request
+        found, created = ConsentText.objects.get(study=study, digest=document.digest), False
+    if created:  # kept once it is sure to stay
+        transaction.on_commit(lambda: cache.set(key, found, timeout=None))
+    else:
+        cache.set(key, found, timeout=None)
+    return found
+
+
+def assignment_consent(*, assignment: Assignment, consent: ConsentText) -> Assignment:
+    """Record that the rater agreed, and to which text."""
+    if consent.study_id != assignment.study_id:
+        raise ValidationError(
+            f"Consent text {consent.pk} belongs to study {consent.study_id}, not to the assignment's study "
+            f"{assignment.study_id}."
+        )
     if assignment.consented_at is None:
-        assignment.consented_at = timezone.now()
-        assignment.save(update_fields=["consented_at"])
+        assignment.consented_at, assignment.consent = timezone.now(), consent
+        assignment.save(update_fields=["consented_at", "consent"])
     return assignment
 
 
@@ -455,7 +820,11 @@ def trial_shown(*, trial: Trial, now: datetime | None = None) -> Trial:
     """Record when a trial was first sent to the rater (the server's start of its reaction time)."""
     if trial.shown_at is None:
         now = now or timezone.now()
-        Trial.objects.filter(pk=trial.pk, shown_at__isnull=True).update(shown_at=now)
+        # Plain SQL, as the rater pages' reads (studies.selectors): every new trial page runs it.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE studies_trial SET shown_at = %s WHERE id = %s AND shown_at IS NULL", [now, trial.pk]
+            )
         trial.shown_at = now
     return trial
 
@@ -469,17 +838,31 @@ def assignment_complete(*, assignment: Assignment, now: datetime | None = None) 
     unanswered = Trial.objects.filter(block__assignment=assignment, response__isnull=True).count()
     if unanswered:
         raise ValidationError(f"Assignment {assignment.pk} still has {unanswered} unanswered trials.")
-    study = assignment.study
-    code = study.completion_code or secrets.token_hex(4).upper()
-    if assignment.provider == ProviderIdentity.Provider.PROLIFIC and study.prolific_completion_code:
-        code = study.prolific_completion_code
     assignment.status, assignment.completed_at, assignment.completion_code = (
         Assignment.Status.COMPLETED,
         now or timezone.now(),
-        code,
+        completion_code_new(prefix=assignment.study.completion_code),
     )
     assignment.save(update_fields=["status", "completed_at", "completion_code"])
     return assignment
+
+
+# Letters and digits that cannot be misread for one another (no I/1, O/0); 10 of them carry 50 random bits.
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def completion_code_new(*, prefix: str = "", length: int = 10) -> str:
+    """A completion code no assignment has yet: ``prefix-`` and random letters (unique in the database
+    too)."""
+    for _ in range(100):
+        code = (f"{prefix}-" if prefix else "") + "".join(
+            secrets.choice(CODE_ALPHABET) for _ in range(length)
+        )
+        if not Assignment.objects.filter(completion_code=code).exists():
+            return code
+    raise ValidationError(
+        f"No unused completion code with prefix {prefix!r} in 100 draws; lengthen the codes."
+    )
 
 
 class TrialNotCurrent(ValidationError):
@@ -524,18 +907,20 @@ def trial_answer(
             key=trial_key, block__assignment=assignment
         )
     assignment = trial.block.assignment
-    existing = Response.objects.filter(trial=trial).first()
-    if existing is not None:
-        return AnswerOutcome(existing, False, assignment.status == Assignment.Status.COMPLETED)
     study = assignment.study
     assignment_check_time(assignment=assignment, now=now)
-    if assignment.status != Assignment.Status.STARTED:
-        raise TrialNotCurrent(f"Assignment {assignment.pk} is {assignment.status}; it takes no more answers.")
-    step = assignment_step(assignment=assignment)
-    if step.trial is None or step.trial.pk != trial.pk:
-        raced = Response.objects.filter(trial=trial).first()  # a concurrent duplicate answered it meanwhile
-        if raced is not None:
-            return AnswerOutcome(raced, False, assignment.status == Assignment.Status.COMPLETED)
+    upcoming = []
+    if assignment.status == Assignment.Status.STARTED:
+        upcoming = [t.pk for t in assignment_upcoming(assignment=assignment)]
+    if not upcoming or upcoming[0] != trial.pk:
+        # Not the current trial: a repeat of an answer (double click, retry, back button), or out of turn.
+        existing = Response.objects.filter(trial=trial).first()
+        if existing is not None:
+            return AnswerOutcome(existing, False, assignment.status == Assignment.Status.COMPLETED)
+        if assignment.status != Assignment.Status.STARTED:
+            raise TrialNotCurrent(
+                f"Assignment {assignment.pk} is {assignment.status}; it takes no more answers."
+            )
         raise TrialNotCurrent(f"Trial {trial.key} is not the rater's current trial.")
     server_rt_ms = round((now - trial.shown_at).total_seconds() * 1000) if trial.shown_at else None
     if trial.phase == Phase.LEARNING:
@@ -557,7 +942,7 @@ def trial_answer(
         too_fast=too_fast,
     )
     completed = False
-    if created and not Trial.objects.filter(block__assignment=assignment, response__isnull=True).exists():
+    if created and len(upcoming) == 1:  # that was the last unanswered trial
         completed = assignment_complete(assignment=assignment, now=now).status == Assignment.Status.COMPLETED
     return AnswerOutcome(response, created, completed)
 
@@ -577,3 +962,23 @@ def rater_event_log(
 def raters_mark_simulated(*, opaque_ids: Iterable[str]) -> int:
     """Mark the raters with these opaque ids as simulated learners (exports and reports say so)."""
     return Rater.objects.filter(opaque_id__in=list(opaque_ids)).update(is_simulated=True)
+
+
+@transaction.atomic
+def study_pairs_add(*, study: Study, pairs: list[dict[str, Any]]) -> list[ClassPair]:
+    """Add mined pairs (from ``explain.selectors.mined_pairs``) to a study; pairs it already has are kept."""
+    added = []
+    for pair in pairs:
+        if ClassPair.objects.filter(study=study, class_a=pair["class_a"], class_b=pair["class_b"]).exists():
+            continue
+        mined_by = ClassPair.Mining.ATTRIBUTES if pair["method"] == "attributes" else pair["method"]
+        added.append(
+            class_pair_add(
+                study=study,
+                class_a=pair["class_a"],
+                class_b=pair["class_b"],
+                mined_by=mined_by,
+                confusion_score=pair["score"],
+            )
+        )
+    return added

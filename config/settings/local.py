@@ -1,6 +1,4 @@
-"""Development and `make demo`: debug pages, static files served by the development server."""
+"""`make demo` and `make web`: the same settings as a server (DEBUG off, gunicorn, WhiteNoise) unless
+DJANGO_DEBUG=1, which `make web` (the development server) sets."""
 
 from .base import *
-from .base import _env_bool
-
-DEBUG = _env_bool("DJANGO_DEBUG", True)

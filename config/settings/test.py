@@ -29,3 +29,4 @@ DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 MEDIA_ROOT = Path(os.environ.get("FOIL_TEST_MEDIA_ROOT") or tempfile.mkdtemp(prefix="foil-test-media-"))
 FOIL_DATA_ROOT = MEDIA_ROOT / "data"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise serves from it (empty until collectstatic)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from explain.nets.split import SplitClassifier
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -74,21 +76,10 @@ class Counterfactual:
         }
 
 
-@dataclass
-class SplitClassifier:
-    """A classifier split into spatial features ``f`` and a decision network ``g``: logits = g(f(x))."""
-
-    f: nn.Module
-    g: nn.Module
-
-
 class CounterfactualMethod:
     """Base class: subclasses set ``name`` and implement ``explain``."""
 
     name: ClassVar[str]
-    # Whether a result must flip the decision to make a learning stimulus. Attribution methods (SCOUT) show
-    # their regions whatever a swap of them would do; their ``flipped`` is reported, not required.
-    requires_flip: ClassVar[bool] = True
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this instance, plus the method name."""

@@ -13,9 +13,19 @@ import torch
 from diffusers import AutoencoderKL
 
 from explain.methods.base import SplitClassifier
+from explain.methods.declaration import AUTOENCODER, C3LT_MAPS, MethodDeclaration
 from explain.methods.generative import Generated, GenerativeMethod
 from explain.nets.autoencoder import decode, encode, load_autoencoder
 from explain.nets.c3lt_maps import C3LTMaps, apply_n, load_c3lt_maps
+
+DECLARATION = MethodDeclaration(
+    name="c3lt",
+    target="explain.methods.c3lt:C3LT",
+    paper="Khorram and Fuxin, Cycle-Consistent Counterfactuals by Latent Transformations, CVPR 2022",
+    kind="generative",
+    backbones={"autoencoder": AUTOENCODER, "maps": C3LT_MAPS},
+    batch=16,
+)
 
 
 class C3LT(GenerativeMethod):
@@ -47,6 +57,6 @@ class C3LT(GenerativeMethod):
         for target in y.unique().tolist():
             rows = y == target
             z_prime[rows] = apply_n(self._maps.towards(int(target)), z_x[rows], self._maps.n)
-        x_prime = decode(self._vae, z_prime)
+        x_prime = decode(self._vae, z_prime, x.shape[1])
         b = len(x)
         return Generated(x_cf=x_prime, nfe={"autoencoder": [2] * b, "latent_map": [self._maps.n] * b})

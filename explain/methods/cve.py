@@ -9,8 +9,9 @@ features f(I') (Eq. 1)::
 Goyal's greedy search adds one cell replacement at a time: at each step it scores every one of the h^2 w^2
 (query cell i, distractor cell j) pairs by the target class log-probability of g on the edited features
 (Eq. 2, with log-softmax, which has the same argmax as g_c') and applies the best, until g predicts the
-target class c' or a cap on the number of edits is reached. A cell may be edited again (Goyal's search has no
-rule against it; the semantic method has one).
+target class c' or a cap on the number of edits is reached. As Eq. 1's permutation P and gating vector a
+imply, and as the authors' released search does, each query cell is replaced at most once and each
+distractor cell used at most once (the rule and the tie-break are ``explain.methods.cell_search``'s).
 
 Goyal uses a single distractor image; this implementation uses ``distractors[0]`` and ignores the others.
 The search itself (exact, with structure-exploiting fast scoring) is ``explain.methods.cell_search``.
@@ -30,6 +31,15 @@ from explain.methods.cell_search import (
     greedy_search,
     head_scorer,
 )
+from explain.methods.declaration import MethodDeclaration
+
+DECLARATION = MethodDeclaration(
+    name="cve",
+    target="explain.methods.cve:CVE",
+    paper="Goyal et al., Counterfactual Visual Explanations, ICML 2019 (Vandenhende et al. 2022, Sec. 3.1)",
+    kind="cell",
+    execution=frozenset({"chunk_size"}),
+)
 
 
 class CVE(CounterfactualMethod):
@@ -38,7 +48,8 @@ class CVE(CounterfactualMethod):
     name = "cve"
 
     def __init__(self, *, max_edits: int | None = None, chunk_size: int = 4096, precision: str = "float32"):
-        """``max_edits``: the cap on edits (None: h * w). ``chunk_size``: candidate pairs scored at once.
+        """``max_edits``: the cap on edits (None: h * w, which the no-reuse rule cannot exceed).
+        ``chunk_size``: candidate pairs scored at once.
 
         ``precision``: dtype of the fast scores ("float32", "bfloat16", "float16"); the chosen edits are
         always confirmed in float32 by g itself.

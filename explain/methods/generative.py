@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explain.methods.base import Counterfactual, CounterfactualMethod, SplitClassifier
+from explain.methods.base import Counterfactual, CounterfactualMethod
+from explain.nets.split import SplitClassifier
+from explain.nets.split import frozen as frozen  # the methods' shared import of it
 
 
 def module_name(value: Any) -> Any:
@@ -82,9 +84,16 @@ class GenerativeMethod(CounterfactualMethod):
         *,
         aux: nn.Module | None = None,
         generator: torch.Generator | None = None,
+        generators: list[torch.Generator] | None = None,
         batch_size: int = 16,
     ) -> list[Counterfactual]:
-        """Counterfactuals for ``queries`` (B, C, H, W) towards ``targets`` (B,), ``batch_size`` at a time."""
+        """Counterfactuals for ``queries`` (B, C, H, W) towards ``targets`` (B,), ``batch_size`` at a time.
+
+        Randomness: item i draws its noise from ``generators[i]`` when given (one per query, e.g. each
+        precompute unit's own seed), else from ``generator`` in turn (seed 0 when None); either way before
+        any batch work, so each item gets exactly the draws it gets explained alone; its counterfactual is the
+        one-by-one one up to the float rounding of batched convolutions, which methods with Adam steps (SLC,
+        RCSB: every gradient entry normalised) can amplify into visibly different images."""
         if queries.ndim != 4 or queries.shape[0] < 1:
             raise ValueError(f"queries must have shape (B >= 1, C, H, W), not {tuple(queries.shape)}")
         targets = [int(t) for t in (targets.tolist() if isinstance(targets, torch.Tensor) else targets)]
@@ -99,14 +108,21 @@ class GenerativeMethod(CounterfactualMethod):
             raise ValueError(
                 f"target {bad[0]} is not a class of the classifier (it has {num_classes} classes)"
             )
-        generator = (
-            generator if generator is not None else torch.Generator(device=queries.device).manual_seed(0)
-        )
+        if generators is not None and (generator is not None or len(generators) != len(queries)):
+            raise ValueError(
+                f"generators must be one per query ({len(queries)}, got {len(generators)}) and not given "
+                "together with generator"
+            )
+        if generators is None:
+            shared = (
+                generator if generator is not None else torch.Generator(device=queries.device).manual_seed(0)
+            )
+            generators = [shared] * len(queries)
         results: list[Counterfactual] = []
         for begin in range(0, len(queries), batch_size):
             x = queries[begin : begin + batch_size]
             y = torch.tensor(targets[begin : begin + batch_size], device=x.device)
-            noises = [self._noise(x[i : i + 1], generator) for i in range(len(x))]
+            noises = [self._noise(x[i : i + 1], generators[begin + i]) for i in range(len(x))]
             noise = {k: torch.cat([n[k] for n in noises]) for k in noises[0]} if noises[0] else {}
             start = time.perf_counter()
             out = self._generate(model, x, y, noise)
@@ -255,20 +271,3 @@ def s3_similarity(features: nn.Module, x: torch.Tensor, x_cf: torch.Tensor) -> f
     if a.ndim > 2:
         a, b = a.flatten(2).mean(-1), b.flatten(2).mean(-1)
     return float(F.cosine_similarity(a.flatten(1), b.flatten(1)).mean())
-
-
-class frozen:
-    """Turn off parameter gradients of the given modules inside a ``with`` block, restoring them after."""
-
-    def __init__(self, *modules: nn.Module | None):
-        self.params = [p for m in modules if m is not None for p in m.parameters()]
-
-    def __enter__(self) -> frozen:
-        self.saved = [p.requires_grad for p in self.params]
-        for p in self.params:
-            p.requires_grad_(False)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for p, flag in zip(self.params, self.saved, strict=True):
-            p.requires_grad_(flag)

@@ -5,10 +5,20 @@
 lambda_c L(f(D(z0_hat)), y_CF) + lambda_d ||D(z0_hat) - x^F||_1 (Eq. 9) with respect to z_t, where z0_hat is
 the one-step prediction of Eq. (4) from the unconditional score.
 3. Consensus guidance (Eq. 10, 11): per 1x1 latent patch, the classifier's guidance is zeroed where its angle
-to the implicit classifier eps(z_t, c) - eps(z_t) exceeds ``gamma`` degrees. The guided score is eps_uc + eta
-* sqrt(1 - alpha_t) * (consensus(lambda_c grad L_c) + lambda_d grad L_d)   (Eq. 6).
+to the implicit classifier eps(z_t, c) - eps(z_t) exceeds ``gamma`` degrees.
+4. Gradient renormalisation, as the authors' released sampler (``enforce_same_norms=True``, on in every
+released config; the paper's lambda values assume it): after the consensus filter, each guidance term
+sqrt(1 - alpha_t) grad L is rescaled, per item, to the L2 norm of the implicit classifier eps_c - eps_uc
+before it is weighted. The guided score is (Eq. 6)
 
-``consensus=False`` is the plain guidance (no conditional pass): with ``gamma=180`` the two are equal.
+    eps = eps_uc + eta * (lambda_c * r(consensus(sqrt(1 - a_t) grad L_c))
+                          + lambda_d * r(sqrt(1 - a_t) grad L_d))
+
+with r(v) = v / ||v|| * ||eps_c - eps_uc|| (``enforce_same_norms=False``: r is the identity). The distance is
+the released one: the L1 sum over pixels of the prediction clamped to the image range.
+
+``consensus=False`` is the plain guidance: with ``gamma=180`` the two are equal. The conditional pass is run
+whenever consensus or renormalisation needs it.
 LDCE-cls uses the platform's class-conditional latent denoiser (explain.nets.diffusion); LDCE-txt
 (``LDCETxt``) a local Stable Diffusion directory with its CLIP text encoder. NFE: ``start_step`` U-Net passes
 (each on the conditional and unconditional inputs together) plus as many backward passes.
@@ -18,16 +28,96 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from explain.methods.base import SplitClassifier
+from explain.methods.declaration import AUTOENCODER, DENOISER, MethodDeclaration, Variant
 from explain.methods.generative import Generated, GenerativeMethod, frozen
 from explain.nets.autoencoder import decode, encode, load_autoencoder
-from explain.nets.diffusion import LatentDenoiser, load_denoiser
+from explain.nets.diffusion import LatentDenoiser, TextToImage, load_denoiser, load_stable_diffusion
+
+LDCE_CLS = MethodDeclaration(
+    name="ldce-cls",
+    target="explain.methods.ldce:LDCE",
+    paper="Schrodi, Farid et al., Latent Diffusion Counterfactual Explanations, 2024 (class-conditional)",
+    kind="generative",
+    backbones={"autoencoder": AUTOENCODER, "denoiser": DENOISER},
+    batch=16,
+    variants=(
+        Variant(
+            name="ldce-cls-cpu-demo",
+            overrides={
+                "num_inference_steps": 50,
+                "start_step": 19,
+                "lambda_c": 20.0,
+                "consensus": False,
+                "enforce_same_norms": False,
+            },
+            reason="make demo on a CPU: at its paper defaults (191 steps, consensus guidance) LDCE-cls flips "
+            "49 of 60 held-out images of the demo's pairs on the shipped denoiser (0.82, Shirt -> T-shirt 3 "
+            "of 10; bench/bench_shipped_methods.py --n 10), below the demo's 90% floor, so the demo runs "
+            "50 DDIM steps with a stronger classifier scale on the raw gradients and no consensus",
+            demo_budget="full",
+        ),
+        Variant(
+            name="ldce-cls-cpu-tiny",
+            overrides={
+                "num_inference_steps": 20,
+                "start_step": 6,
+                "lambda_c": 20.0,
+                "consensus": False,
+                "enforce_same_norms": False,
+            },
+            reason="the tiny demo inside make test: ldce-cls-cpu-demo with 20 DDIM steps",
+            demo_budget="tiny",
+        ),
+    ),
+)
+
+
+def renormalise(v: torch.Tensor, reference: torch.Tensor, small: float = 1e-22) -> torch.Tensor:
+    """v rescaled per item to the L2 norm of ``reference`` (the released ``_renormalize_gradient``)."""
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1)))
+    norm = torch.where(norm < small, norm + small, norm)
+    return v / norm * reference.flatten(1).norm(dim=1).view_as(norm)
+
+
+def consensus_mask(guide: torch.Tensor, implicit: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B, 1, h, w) bool: the 1x1 latent patches whose angle between ``guide`` and ``implicit`` (B, C, h, w)
+    is at most ``gamma`` degrees (Eq. 10, 11)."""
+    cos = F.cosine_similarity(guide, implicit, dim=1, eps=1e-12)
+    return (cos >= math.cos(math.radians(gamma))).unsqueeze(1)
+
+
+def guided_score(
+    eps_uc: torch.Tensor,
+    eps_c: torch.Tensor | None,
+    grad_c: torch.Tensor,
+    grad_d: torch.Tensor,
+    a_t: torch.Tensor,
+    *,
+    lambda_c: float,
+    lambda_d: float,
+    eta: float,
+    gamma: float | None,
+    enforce_same_norms: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eps, consensus mask or None): Eq. (6) with consensus (``gamma`` not None, Eq. 10-11) and the
+    released renormalisation. ``grad_c`` is the gradient of the cross-entropy (= -grad log p(y | x0_hat)),
+    ``grad_d`` of the distance, both with respect to z_t."""
+    guide_c = (1 - a_t).sqrt() * grad_c
+    guide_d = (1 - a_t).sqrt() * grad_d
+    keep = None
+    implicit = None if eps_c is None else (eps_c - eps_uc).detach()  # Eq. (7)
+    if gamma is not None:
+        keep = consensus_mask(guide_c, implicit, gamma)
+        guide_c = torch.where(keep, guide_c, torch.zeros_like(guide_c))  # o = 0
+    if enforce_same_norms:
+        guide_c, guide_d = renormalise(guide_c, implicit), renormalise(guide_d, implicit)
+    return eps_uc.detach() + eta * (lambda_c * guide_c + lambda_d * guide_d), keep
 
 
 class LDCE(GenerativeMethod):
@@ -47,6 +137,7 @@ class LDCE(GenerativeMethod):
         lambda_d: float = 0.3,
         eta: float = 2.0,
         consensus: bool = True,
+        enforce_same_norms: bool = True,
         region_threshold: float = 0.25,
         region_sigma: float = 1.0,
     ):
@@ -66,7 +157,7 @@ class LDCE(GenerativeMethod):
         self._denoiser = load_denoiser(denoiser) if isinstance(denoiser, str | os.PathLike) else denoiser
         self.num_inference_steps, self.start_step = num_inference_steps, start_step
         self.gamma, self.lambda_c, self.lambda_d, self.eta = gamma, lambda_c, lambda_d, eta
-        self.consensus = consensus
+        self.consensus, self.enforce_same_norms = consensus, enforce_same_norms
         self.region_threshold, self.region_sigma = region_threshold, region_sigma
 
     # Hooks that LDCE-txt overrides: the image <-> latent maps, the scores and the schedule.
@@ -74,7 +165,7 @@ class LDCE(GenerativeMethod):
         return encode(self._vae, x)
 
     def _decode(self, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return decode(self._vae, z)
+        return decode(self._vae, z, like.shape[1])
 
     def _scores(
         self, z_t: torch.Tensor, t: int, y: torch.Tensor, conditional: bool
@@ -104,7 +195,6 @@ class LDCE(GenerativeMethod):
         timesteps = scheduler.timesteps[-self.start_step :].tolist()
         alphas = scheduler.alphas_cumprod.to(x.device)
         final = scheduler.final_alpha_cumprod.to(x.device)
-        cos_gamma = math.cos(math.radians(self.gamma))
         kept = []
         with frozen(*self._modules(), model.f, model.g):
             with torch.no_grad():
@@ -115,23 +205,28 @@ class LDCE(GenerativeMethod):
                 a_t = alphas[t]
                 a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else final
                 z_t = z_t.detach().requires_grad_(True)
-                eps_uc, eps_c = self._scores(z_t, t, y, conditional=self.consensus)
+                conditional = self.consensus or self.enforce_same_norms
+                eps_uc, eps_c = self._scores(z_t, t, y, conditional=conditional)
                 z0_hat = (z_t - (1 - a_t).sqrt() * eps_uc) / a_t.sqrt()  # Eq. (4)
                 x0_hat = self._decode(z0_hat, x)
                 l_c = F.cross_entropy(model.g(model.f(x0_hat)), y, reduction="sum")
-                l_d = (x0_hat - x).abs().sum()  # d = L1 (Eq. 9)
+                l_d = (x0_hat.clamp(0, 1) - x).abs().sum()  # d = L1 (Eq. 9), the released sum
                 (grad_c,) = torch.autograd.grad(l_c, z_t, retain_graph=True)
                 (grad_d,) = torch.autograd.grad(l_d, z_t)
-                guide_c = (1 - a_t).sqrt() * self.lambda_c * grad_c
-                if self.consensus:
-                    implicit = (eps_c - eps_uc).detach()  # Eq. (7)
-                    cos = F.cosine_similarity(guide_c, implicit, dim=1, eps=1e-12)  # Eq. (10), 1x1 patches
-                    keep = (cos >= cos_gamma).unsqueeze(1)
-                    guide_c = torch.where(keep, guide_c, torch.zeros_like(guide_c))  # Eq. (11), o = 0
+                eps, keep = guided_score(
+                    eps_uc,
+                    eps_c,
+                    grad_c,
+                    grad_d,
+                    a_t,
+                    lambda_c=self.lambda_c,
+                    lambda_d=self.lambda_d,
+                    eta=self.eta,
+                    gamma=self.gamma if self.consensus else None,
+                    enforce_same_norms=self.enforce_same_norms,
+                )
+                if keep is not None:
                     kept.append(keep.float().flatten(1).mean(1))
-                eps = eps_uc.detach() + self.eta * (
-                    guide_c + (1 - a_t).sqrt() * self.lambda_d * grad_d
-                )  # Eq. (6)
                 with torch.no_grad():
                     z0_pred = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
                     z_t = a_prev.sqrt() * z0_pred + (1 - a_prev).sqrt() * eps  # DDIM, Eq. (5), sigma_t = 0
@@ -146,13 +241,40 @@ class LDCE(GenerativeMethod):
         )
 
 
-class LDCETxt(LDCE):
-    """LDCE-txt on a local Stable Diffusion directory (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-    ``scheduler/``), prompts "a photo of a {class name}." (appendix D); defaults from Table 5 (ImageNet).
+LDCE_TXT = MethodDeclaration(
+    name="ldce-txt",
+    target="explain.methods.ldce:LDCETxt",
+    paper="Schrodi, Farid et al., Latent Diffusion Counterfactual Explanations, 2024 (Stable Diffusion)",
+    kind="generative",
+    batch=16,
+    settings={"stable_diffusion": "FOIL_STABLE_DIFFUSION_PATH"},
+    setting_models={"stable_diffusion": "text_denoiser"},
+    class_names="class_names",
+    half_precision=True,  # Stable Diffusion is released and commonly run in float16 on GPUs
+    variants=(
+        Variant(
+            name="ldce-txt-cpu-tiny",
+            overrides={
+                "num_inference_steps": 10,
+                "start_step": 3,
+                "lambda_c": 20.0,
+                "consensus": False,
+                "image_size": 64,
+            },
+            reason="the CUB test inside make test (a tiny random Stable Diffusion, a VGG-16 at 224 px on a "
+            "CPU): 3 of 10 DDIM steps at 64 px, a stronger classifier scale and no consensus",
+        ),
+    ),
+)
 
-    Images are resized to ``image_size`` and repeated to 3 channels for the SD autoencoder (input [-1,
-    1]), and
-    decoded back to the classifier's size and channels (the channel mean for grey images).
+
+class LDCETxt(LDCE):
+    """LDCE-txt on Stable Diffusion (a local directory with ``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/``, ``scheduler/``, or its loaded parts), prompts "a photo of a {class name}." (appendix D);
+    defaults from Table 5 (ImageNet).
+
+    Images are resized to ``image_size`` for the SD autoencoder (its config's range is set to [-1, 1], and
+    ``explain.nets.autoencoder`` converts range and channels) and decoded back to the classifier's size.
     """
 
     name = "ldce-txt"
@@ -160,7 +282,7 @@ class LDCETxt(LDCE):
     def __init__(
         self,
         *,
-        stable_diffusion: str | os.PathLike[str],
+        stable_diffusion: str | os.PathLike[str] | TextToImage,
         class_names: list[str],
         prompt: str = "a photo of a {}.",
         image_size: int = 256,
@@ -171,60 +293,52 @@ class LDCETxt(LDCE):
         lambda_d: float = 1.2,
         eta: float = 2.0,
         consensus: bool = True,
+        enforce_same_norms: bool = True,
         region_threshold: float = 0.25,
         region_sigma: float = 1.0,
     ):
-        from diffusers import DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        root = Path(stable_diffusion)
-        if not (root / "unet").is_dir() or not (root / "text_encoder").is_dir():
-            raise FileNotFoundError(
-                f"{str(root)!r} is not a local Stable Diffusion directory (it needs unet/, vae/, "
-                "text_encoder/, tokenizer/ and scheduler/); download one once with diffusers and pass its "
-                "path"
+        """``stable_diffusion``: a local Stable Diffusion directory or its loaded parts
+        (``explain.nets.diffusion.load_stable_diffusion``; the worker loads them once per process)."""
+        if not 1 <= start_step <= num_inference_steps:
+            raise ValueError(
+                f"start_step must lie in 1..num_inference_steps ({num_inference_steps}), not {start_step}"
             )
-        self.stable_diffusion = str(stable_diffusion)
-        self.class_names, self.prompt, self.image_size = list(class_names), prompt, image_size
-        self._vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True).eval()
-        self._unet = UNet2DConditionModel.from_pretrained(
-            root, subfolder="unet", local_files_only=True
-        ).eval()
-        self._sched = DDIMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(
-            root, subfolder="text_encoder", local_files_only=True
-        ).eval()
-        texts = [""] + [prompt.format(name) for name in self.class_names]
-        tokens = tokenizer(
-            texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        if not 0 <= gamma <= 180:
+            raise ValueError(f"the consensus threshold gamma is an angle in degrees in [0, 180], not {gamma}")
+        sd = (
+            load_stable_diffusion(stable_diffusion)
+            if isinstance(stable_diffusion, str | os.PathLike)
+            else stable_diffusion
         )
-        with torch.no_grad():
-            self._embeddings = text_encoder(tokens.input_ids)[0]  # row 0: the empty prompt
+        self.stable_diffusion = (
+            str(stable_diffusion) if isinstance(stable_diffusion, str | os.PathLike) else sd
+        )
+        self.class_names, self.prompt, self.image_size = list(class_names), prompt, image_size
+        self._vae, self._unet, self._sched = sd.vae, sd.unet, sd.scheduler  # the VAE's range: [-1, 1]
+        texts = [""] + [prompt.format(name) for name in self.class_names]
+        self._embeddings = sd.embed(texts)  # row 0: the empty prompt
         self.num_inference_steps, self.start_step = num_inference_steps, start_step
         self.gamma, self.lambda_c, self.lambda_d, self.eta = gamma, lambda_c, lambda_d, eta
-        self.consensus = consensus
+        self.consensus, self.enforce_same_norms = consensus, enforce_same_norms
         self.region_threshold, self.region_sigma = region_threshold, region_sigma
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        rgb = F.interpolate(
-            rgb, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-        )
-        return encode(self._vae, rgb * 2 - 1)
+        size = (self.image_size, self.image_size)
+        return encode(self._vae, F.interpolate(x, size=size, mode="bilinear", align_corners=False))
 
     def _decode(self, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        rgb = (decode(self._vae, z) + 1) / 2
-        out = F.interpolate(rgb, size=like.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-        return out.mean(1, keepdim=True) if like.shape[1] == 1 else out
+        out = decode(self._vae, z, like.shape[1])
+        return F.interpolate(out, size=like.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
 
     def _scores(self, z_t, t, y, conditional):
-        emb = self._embeddings.to(z_t.device)
+        dtype = self._unet.dtype  # float16 where the worker loaded it so (a GPU); scores in float32
+        emb = self._embeddings.to(z_t.device, dtype)
         uncond = emb[:1].expand(len(z_t), -1, -1)
         if not conditional:
-            return self._unet(z_t, t, encoder_hidden_states=uncond).sample, None
+            return self._unet(z_t.to(dtype), t, encoder_hidden_states=uncond).sample.float(), None
         states = torch.cat([uncond, emb[1 + y]])
-        return self._unet(torch.cat([z_t, z_t]), t, encoder_hidden_states=states).sample.chunk(2)
+        eps = self._unet(torch.cat([z_t, z_t]).to(dtype), t, encoder_hidden_states=states).sample
+        return eps.float().chunk(2)
 
     def _scheduler(self):
         return self._sched

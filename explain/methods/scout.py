@@ -1,22 +1,27 @@
 """SCOUT: self-aware discriminant counterfactual explanations (Wang and Vasconcelos, CVPR 2020).
 
-SCOUT explains "why class c and not c'" with discriminant attribution maps on the classifier's feature grid:
+SCOUT explains "why class c and not c'" with discriminant attribution maps. As the authors' released code for
+method comparisons (peiwang062/SCOUT, ``cf_ss_vgg_cub.py``: the self-awareness score is the classifier's own
+softmax confidence), on the last convolutional activations *before* pool5 (VGG's layer 42, 14 x 14 at 224 px):
 
-    a_y(I)  = sum over channels of (d g_y / d f(I)) * f(I)          gradient x activation of class score y
-    a_s(I)  = the same for the self-awareness confidence s, here the classifier's own top softmax
-              probability (SCOUT trains a separate hardness predictor; the classifier's confidence is the
-              score it approximates)
-    D(I)    = â_c(I) * (1 - â_c'(I)) * â_s(I)         query regions of c that are not c'
-    D(I')   = â_c'(I') * (1 - â_c(I')) * â_s(I')      distractor regions of c' that are not c
+    A(I) = sum over channels of (d g_c  / d a) * a,  then every value < 0 set to 1e-7    predicted class c
+    B(I) = sum over channels of (d g_c' / d a) * a,  then every value < 0 set to 1e-7    counter class c'
+    S(I) = sum over channels of max(d s / d a, 0) * a                  s = max softmax probability
+    D(I) = S(I) * (max B(I) - B(I)) * A(I)                             no normalisation (the released "abc")
 
-where â is the map min-max normalised to [0, 1] and c is the query's predicted class. The regions are the top
-cells of each map (ties to the lower cell index); by default one cell each, the area of one cell edit, as in
-the Vandenhende et al. (2022) comparison. Edit r pairs the query's r-th cell with the distractor's r-th cell,
-so the result has the same form as CVE's: ``scores`` are g's target log-probability after each replacement and
-``flipped`` says whether replacing the query region by the distractor region changes the decision. SCOUT is
-designed for one image pair: only ``distractors[0]`` is used.
+where a is that activation. The distractor's map D(I') swaps the roles of c and c'. When f ends in a max-pool
+(VGG's pool5) the maps are taken on the activation before it and the pool is run as the first layer of the
+head; otherwise on f's output.
 
-All maps of a batch come from one forward and one backward pass of g (g must be in eval mode, so that the
+The region. SCOUT thresholds the upsampled pixel map at a chosen area; the Vandenhende et al. (2022)
+comparison fixes that area to one cell edit. Here the region is the grid cell of f's h x w grid (the grid the
+cell methods edit) with the largest mean D; ``cells`` > 1 takes the top cells (ties to the lower cell index).
+Edit r pairs the query's r-th cell with the distractor's r-th cell, so the result has the same form as CVE's:
+``scores`` are g's target log-probability after each replacement and ``flipped`` says whether replacing the
+query region by the distractor region changes the decision. SCOUT is designed for one image pair: only
+``distractors[0]`` is used.
+
+All maps of a batch come from one forward and one backward pass (the head must be in eval mode, so that the
 items of a batch do not interact).
 """
 
@@ -26,40 +31,64 @@ import time
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from explain.methods.base import Counterfactual, CounterfactualMethod, Edit, SplitClassifier, check_batch
 from explain.methods.cell_search import SearchResult, cell_counterfactual, check_images
+from explain.methods.declaration import MethodDeclaration
+
+# The released code's clamp of the class maps: ``heatmaps[heatmaps < 0] = 1e-7``.
+EPSILON = 1e-7
 
 
-def normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each (h, w) map of a (B, h, w) batch to [0, 1]; a constant map becomes 0."""
-    flat = maps.reshape(maps.shape[0], -1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(flat))
-    return scaled.reshape(maps.shape)
+def map_layers(model: SplitClassifier) -> tuple[nn.Module, nn.Module]:
+    """(body, head) with head(body(x)) = g(f(x)): the maps are taken on body's output, before pool5 when f
+    ends in a max-pool (the released code's layer), else on f's output."""
+    f = model.f
+    if isinstance(f, nn.Sequential) and len(f) > 1 and isinstance(f[-1], nn.MaxPool2d):
+        return f[:-1], nn.Sequential(f[-1], model.g)
+    return f, model.g
 
 
-def attribution_maps(g: nn.Module, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Gradient x activation maps (B, h, w) of g at ``features`` (B, d, h, w) for ``classes`` (B,).
+def attribution_maps(head: nn.Module, activations: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Maps (B, h', w') of ``head`` at ``activations`` (B, d, h', w') for ``classes`` (B,).
 
-    A class of -1 means the self-awareness confidence: the top softmax probability.
+    Class k >= 0: signed gradient x activation of logit k, values < 0 set to ``EPSILON`` (A and B). Class -1:
+    the self-awareness map S, positive gradients of the top softmax probability x activation.
     """
     with torch.enable_grad():
-        x = features.detach().clone().requires_grad_(True)
-        logits = g(x)
+        a = activations.detach().clone().requires_grad_(True)
+        logits = head(a)
         confidence = torch.softmax(logits, dim=-1).amax(dim=-1)
         picked = logits.gather(1, classes.clamp(min=0)[:, None])[:, 0]
         objective = torch.where(classes >= 0, picked, confidence)
-        (gradient,) = torch.autograd.grad(objective.sum(), x)
-    return (gradient * x.detach()).sum(dim=1)
+        (gradient,) = torch.autograd.grad(objective.sum(), a)
+    is_class = (classes >= 0).view(-1, 1, 1)
+    signed = (gradient * a.detach()).sum(dim=1)
+    positive = (gradient.clamp(min=0) * a.detach()).sum(dim=1)
+    class_map = torch.where(signed < 0, torch.full_like(signed, EPSILON), signed)
+    return torch.where(is_class, class_map, positive)
+
+
+def discriminant_map(s: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D = S * (max B - B) * A for (B, h', w') maps, max B over each map."""
+    peak = b.flatten(1).amax(dim=1).view(-1, 1, 1)
+    return s * (peak - b) * a
+
+
+DECLARATION = MethodDeclaration(
+    name="scout",
+    target="explain.methods.scout:SCOUT",
+    paper="Wang and Vasconcelos, SCOUT: Self-aware Discriminant Counterfactual Explanations, CVPR 2020",
+    kind="cell",
+    requires_flip=False,  # an attribution: its regions are the stimulus, flip or not
+)
 
 
 class SCOUT(CounterfactualMethod):
     """Discriminant attribution regions on the query and one distractor (Wang and Vasconcelos 2020)."""
 
     name = "scout"
-    requires_flip = False  # an attribution: its regions are the stimulus, flip or not
 
     def __init__(self, *, cells: int = 1):
         """``cells``: the region size on each image, in grid cells (1: the area of one cell edit)."""
@@ -118,14 +147,20 @@ class SCOUT(CounterfactualMethod):
         own = logits.argmax(dim=-1)
         other = torch.as_tensor(targets, device=features.device)
         confidence = torch.full_like(own, -1)
+        body, head = map_layers(model)
+        with torch.no_grad():
+            activations = body(torch.cat([queries, *[d[:1] for d in distractors]]))
+        query_a, distractor_a = activations[:n], activations[n:]
         # Six maps per query: c, c' and s on the query; c', c and s on the distractor.
-        batch = torch.cat([query_f, query_f, query_f, distractor_f, distractor_f, distractor_f])
+        batch = torch.cat([query_a, query_a, query_a, distractor_a, distractor_a, distractor_a])
         classes = torch.cat([own, other, confidence, other, own, confidence])
-        maps = normalise(attribution_maps(model.g, batch, classes)).reshape(6, n, hw)
-        query_map = maps[0] * (1 - maps[1]) * maps[2]
-        distractor_map = maps[3] * (1 - maps[4]) * maps[5]
-        query_top = torch.sort(query_map, dim=1, descending=True, stable=True).indices[:, : self.cells]
-        distractor_top = torch.sort(distractor_map, dim=1, descending=True, stable=True).indices[
+        maps = attribution_maps(head, batch, classes).reshape(6, n, *activations.shape[-2:])
+        query_map = discriminant_map(maps[2], maps[0], maps[1])
+        distractor_map = discriminant_map(maps[5], maps[3], maps[4])
+        query_cells = F.adaptive_avg_pool2d(query_map[:, None], (h, w)).reshape(n, hw)
+        distractor_cells = F.adaptive_avg_pool2d(distractor_map[:, None], (h, w)).reshape(n, hw)
+        query_top = torch.sort(query_cells, dim=1, descending=True, stable=True).indices[:, : self.cells]
+        distractor_top = torch.sort(distractor_cells, dim=1, descending=True, stable=True).indices[
             :, : self.cells
         ]
         maps_s = (time.perf_counter() - start) / n

@@ -34,6 +34,7 @@ from explain.methods.cell_search import (
     greedy_search,
     head_scorer,
 )
+from explain.methods.declaration import AUXILIARY, MethodDeclaration
 
 
 def aux_cells(aux: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,17 @@ def topk_pairs(cosine: torch.Tensor, topk: float | None) -> torch.Tensor:
     allowed = torch.zeros(cosine.numel(), dtype=torch.bool, device=cosine.device)
     allowed[order] = True
     return allowed.reshape(cosine.shape)
+
+
+DECLARATION = MethodDeclaration(
+    name="semantic",
+    target="explain.methods.semantic:SemanticCounterfactual",
+    paper="Vandenhende et al., Making Heads or Tails: Towards Semantically Consistent Visual "
+    "Counterfactuals, ECCV 2022",
+    kind="cell",
+    aux=AUXILIARY,
+    execution=frozenset({"chunk_size"}),
+)
 
 
 class SemanticCounterfactual(CounterfactualMethod):
@@ -192,7 +204,6 @@ class SemanticCounterfactual(CounterfactualMethod):
                     allowed=allowed,
                     extra=log_ls if self.lambda_ > 0 else None,
                     extra_weight=self.lambda_,
-                    reuse=False,
                     chunk_size=self.chunk_size,
                     precision=self.precision,
                 )

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torchvision import models as tv
 from tqdm.auto import tqdm
 
-from explain.metrics import cell_parts
+from explain.stimuli.metrics import cell_parts
 
 from .classifiers import CheckpointError, load_state_dict_strict, read_state_dict
 

@@ -10,6 +10,11 @@ sigma_t^2 = int_0^t beta, bar_sigma_t^2 = int_t^1 beta. The analytic posterior (
 and the network s_psi(x_t, t) predicts (x_t - x_0) / sigma_t, so x0_hat = x_t - sigma_t s_psi(x_t, t). The
 network also sees the region R as an extra input channel. Saved as ``unet/`` + ``schedule.json`` +
 ``training.json``.
+
+A converted I2SB model (``explain.nets.formats.i2sb``) differs in three stated ways, kept in ``bridge.json``:
+its network sees x_t alone or with x_1 (``conditioning`` "none" / "x1", I2SB's ``cond_x1``) instead of the
+region, it works on images in [-1, 1] (``image_range``), and its time input is I2SB's noise level
+linspace(t0, T, N)[n] * N rather than the step n (``BridgeSchedule.noise_levels``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from explain.nets.training_record import (
 )
 
 SCHEDULE_NAME = "schedule.json"
+BRIDGE_NAME = "bridge.json"
+CONDITIONING = ("region", "x1", "none")
 
 
 def bridge_config(
@@ -63,7 +70,16 @@ class BridgeSchedule:
     """I2SB's symmetric beta schedule over ``num_timesteps`` discrete times."""
 
     num_timesteps: int = 1000
-    beta_max: float = 0.3
+    beta_max: float = 1.0  # RCSB's released value (I2SB's own default is 0.3)
+    noise_levels: tuple[float, float] | None = None  # I2SB's (t0, T); None: the network sees the step
+
+    def network_time(self, n: torch.Tensor) -> torch.Tensor:
+        """What the network is given as its time for steps ``n``."""
+        if self.noise_levels is None:
+            return n
+        t0, t1 = self.noise_levels
+        levels = torch.linspace(t0, t1, self.num_timesteps, device=n.device) * self.num_timesteps
+        return levels[n]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         n = self.num_timesteps
@@ -87,17 +103,46 @@ class InpaintingBridge:
 
     unet: UNet2DModel
     schedule: BridgeSchedule
+    conditioning: str = "region"  # the network's extra input: the region R, x_1 (I2SB's cond_x1) or none
+    image_range: tuple[float, float] = (0.0, 1.0)  # the images the bridge was trained on
 
     def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {CONDITIONING}, not {self.conditioning!r}")
         self._tensors = self.schedule.tensors()
+
+    @property
+    def channels(self) -> int:
+        """The image channels the bridge generates."""
+        return int(self.unet.config.out_channels)
+
+    def to_bridge(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the bridge's range (the identity for a platform-trained bridge)."""
+        low, high = self.image_range
+        return x if (low, high) == (0.0, 1.0) else x * (high - low) + low
+
+    def from_bridge(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.image_range
+        return x if (low, high) == (0.0, 1.0) else (x - low) / (high - low)
 
     def coefficient(self, name: str, n: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         value = self._tensors[name].to(like.device)[n]
         return value.view(-1, *([1] * (like.ndim - 1))) if value.ndim else value
 
-    def x0_hat(self, x_t: torch.Tensor, n: int, region: torch.Tensor) -> torch.Tensor:
-        t = torch.full((x_t.shape[0],), n, device=x_t.device, dtype=torch.long)
-        s = self.unet(torch.cat([x_t, region], dim=1), t).sample
+    def x0_hat(
+        self, x_t: torch.Tensor, n: int, region: torch.Tensor, x1: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The network's clean image from x_t at step n; ``x1`` is needed by a bridge conditioned on it."""
+        t = self.schedule.network_time(torch.full((x_t.shape[0],), n, device=x_t.device, dtype=torch.long))
+        if self.conditioning == "region":
+            inputs = torch.cat([x_t, region], dim=1)
+        elif self.conditioning == "x1":
+            if x1 is None:
+                raise ValueError("this bridge is conditioned on x_1 (I2SB's cond_x1); pass x1 to x0_hat")
+            inputs = torch.cat([x_t, x1], dim=1)
+        else:
+            inputs = x_t
+        s = self.unet(inputs, t).sample
         return x_t - self.coefficient("std_fwd", n, x_t) * s
 
     def posterior_sample(
@@ -210,11 +255,21 @@ def train_bridge(
 
 
 def load_bridge(path: str | os.PathLike[str]) -> InpaintingBridge:
-    """An InpaintingBridge from a directory holding ``unet/`` and ``schedule.json``."""
+    """An InpaintingBridge from a directory holding ``unet/``, ``schedule.json`` and, for a converted
+    model, ``bridge.json``."""
     root = require_dir(path, "inpainting bridge")
     schedule_path = root / SCHEDULE_NAME
     if not schedule_path.is_file():
         raise FileNotFoundError(f"{schedule_path} is missing; a bridge directory is written by train_bridge")
-    schedule = BridgeSchedule(**json.loads(schedule_path.read_text()))
+    stated = json.loads(schedule_path.read_text())
+    if stated.get("noise_levels") is not None:
+        stated["noise_levels"] = tuple(float(v) for v in stated["noise_levels"])
+    schedule = BridgeSchedule(**stated)
+    extra = json.loads((root / BRIDGE_NAME).read_text()) if (root / BRIDGE_NAME).is_file() else {}
     unet = UNet2DModel.from_pretrained(root, subfolder="unet", local_files_only=True).eval()
-    return InpaintingBridge(unet=unet, schedule=schedule)
+    return InpaintingBridge(
+        unet=unet,
+        schedule=schedule,
+        conditioning=extra.get("conditioning", "region"),
+        image_range=tuple(float(v) for v in extra.get("image_range", (0.0, 1.0))),
+    )

@@ -4,6 +4,12 @@ them back.
 Both are residual conv nets on the autoencoder's latents, applied n times (g^n, an Euler-like decomposition).
 Trained per class pair (Eq. 2) with the classification (Eq. 4), proximity (Eq. 5: L1 + entropy + smoothness of
 the change mask), cycle (Eq. 6) and adversarial (Eq. 7) losses, weighted by Eq. (11): 1, alpha, beta, gamma.
+The cycle loss's perceptual term sums over the layers L of the explained classifier's f (``cycle_layers``):
+the output of every activation and every block among f's top-level children, and f's output; each layer's
+L1 distance is a mean over its elements (the paper writes sums; means keep the layers on one scale).
+The pixel L1 terms of Eq. (5) and (6) are measured on the paper's image scale, [-1, 1] (its release normalises
+with mean 0.5 and std 0.5; ours are in [0, 1]): 2 |x - x'| on our images, so alpha and beta weigh them as the
+paper's values do (``pixel_scale``; the platform's reported L1 stays on [0, 1]).
 Saved as ``g/``, ``h/``, ``discriminator/`` (diffusers format), ``pair.json`` and ``training.json``.
 """
 
@@ -21,10 +27,9 @@ from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from explain.methods.base import SplitClassifier
-from explain.methods.generative import frozen
 from explain.nets.autoencoder import decode, encode
 from explain.nets.discriminator import Discriminator
+from explain.nets.split import SplitClassifier, frozen
 from explain.nets.training_record import (
     Progress,
     StepLoop,
@@ -37,6 +42,7 @@ from explain.nets.training_record import (
 )
 
 PAIR_NAME = "pair.json"
+PAPER_PIXEL_SCALE = 2.0  # |x - x'| on [-1, 1] images (the paper's) is twice that on [0, 1] images (ours)
 
 
 class LatentMap(ModelMixin, ConfigMixin):
@@ -110,6 +116,35 @@ def change_mask(x: torch.Tensor, x_prime: torch.Tensor) -> torch.Tensor:
     return d / (d.flatten(1).max(1).values.view(-1, 1, 1, 1) + 1e-6)
 
 
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid)
+
+
+def cycle_layers(f: nn.Module) -> list[int]:
+    """Indices of f's top-level children whose outputs Eq. (6)'s perceptual term compares: every activation
+    and every block (a child with children), and always the last child (f's output); ``[-1]`` (f's output
+    only) when f is not an ``nn.Sequential``."""
+    if not isinstance(f, nn.Sequential):
+        return [-1]
+    chosen = [
+        i
+        for i, child in enumerate(f)
+        if isinstance(child, ACTIVATIONS) or any(True for _ in child.children())
+    ]
+    return sorted({*chosen, len(f) - 1})
+
+
+def layer_features(f: nn.Module, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """The outputs of f's children at ``layers`` (``[-1]``: f(x))."""
+    if layers == [-1]:
+        return [f(x)]
+    out, wanted = [], set(layers)
+    for i, child in enumerate(f):
+        x = child(x)
+        if i in wanted:
+            out.append(x)
+    return out
+
+
 def c3lt_loss(
     x: torch.Tensor,
     target: int,
@@ -123,25 +158,39 @@ def c3lt_loss(
     alpha: float,
     beta: float,
     gamma: float,
+    pixel_scale: float = PAPER_PIXEL_SCALE,
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, torch.Tensor]:
     """L_c3lt(x, c', g, h) of Eq. (3), weighted by Eq. (11); also returns x' and x_cyc for the
-    discriminator."""
+    discriminator. ``pixel_scale`` multiplies the pixel L1 terms (``PAPER_PIXEL_SCALE``: the paper's
+    [-1, 1] images)."""
     z_x = encode(vae, x)
     z_prime = apply_n(forward, z_x, n)
-    x_prime = decode(vae, z_prime)
+    x_prime = decode(vae, z_prime, x.shape[1])
     z_cyc = apply_n(backward, z_prime, n)
-    x_cyc = decode(vae, z_cyc)
+    x_cyc = decode(vae, z_cyc, x.shape[1])
     labels = torch.full((len(x),), target, dtype=torch.long, device=x.device)
     l_cls = F.cross_entropy(model.g(model.f(x_prime)), labels)  # Eq. (4)
     m = change_mask(x, x_prime)
-    l_prx = (x - x_prime).abs().mean() + mask_entropy(m).mean() + mask_smoothness(m).mean()  # Eq. (5)
-    l_cyc = (
-        (model.f(x_cyc) - model.f(x)).abs().mean() + (x_cyc - x).abs().mean() + (z_x - z_cyc).abs().mean()
-    )  # Eq. (6)
+    l1 = pixel_scale * (x - x_prime).abs().mean()
+    l_prx = l1 + mask_entropy(m).mean() + mask_smoothness(m).mean()  # Eq. (5)
+    layers = cycle_layers(model.f)
+    perceptual = sum(
+        (a - b).abs().mean()
+        for a, b in zip(
+            layer_features(model.f, x_cyc, layers), layer_features(model.f, x, layers), strict=True
+        )
+    )
+    l_cyc = perceptual + pixel_scale * (x_cyc - x).abs().mean() + (z_x - z_cyc).abs().mean()  # Eq. (6)
     # Eq. (7), in its non-saturating form: maximise log D(x') + log D(x_cyc).
     l_adv = F.softplus(-discriminator(x_cyc)).mean() + F.softplus(-discriminator(x_prime)).mean()
     loss = l_cls + alpha * l_prx + beta * l_cyc + gamma * l_adv  # Eq. (11)
-    parts = {"cls": l_cls.item(), "prx": l_prx.item(), "cyc": l_cyc.item(), "adv": l_adv.item()}
+    parts = {
+        "cls": l_cls.item(),
+        "prx": l_prx.item(),
+        "prx_l1": l1.item(),
+        "cyc": l_cyc.item(),
+        "adv": l_adv.item(),
+    }
     return loss, parts, x_prime.detach(), x_cyc.detach()
 
 
@@ -159,6 +208,7 @@ def train_c3lt_maps(
     alpha: float = 0.1,
     beta: float = 0.1,
     gamma: float = 0.001,
+    pixel_scale: float = PAPER_PIXEL_SCALE,
     batch_size: int = 32,
     lr: float = 1e-3,
     width: int = 64,
@@ -184,7 +234,7 @@ def train_c3lt_maps(
     optimiser_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
     loop = StepLoop(steps, f"c3lt maps {class_a}<->{class_b}", progress)
     start = time.perf_counter()
-    kw = {"n": n, "alpha": alpha, "beta": beta, "gamma": gamma}
+    kw = {"n": n, "alpha": alpha, "beta": beta, "gamma": gamma, "pixel_scale": pixel_scale}
     with frozen(vae, model.f, model.g):
         batches_b = batches(len(images_b), batch_size, steps, generator)
         for index_a in batches(len(images_a), batch_size, steps, generator):
@@ -215,6 +265,7 @@ def train_c3lt_maps(
             "data": {"a": data_summary(images_a), "b": data_summary(images_b), "note": data_note},
             "classes": [class_a, class_b],
             "hyperparameters": {"steps": steps, "batch_size": batch_size, "lr": lr, **kw, "width": width},
+            "cycle_layers": cycle_layers(model.f),
             "seconds": time.perf_counter() - start,
             **loop.summary(),
         },

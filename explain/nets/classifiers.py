@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tv
 
-from explain.methods.base import SplitClassifier
+from explain.nets.split import SplitClassifier
 
 from .small_cnn import SmallCNN
 

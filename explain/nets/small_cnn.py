@@ -5,7 +5,7 @@ The 7 x 7 grid gives the embedded default the cell geometry of the papers (VGG-1
 
 from torch import Tensor, nn
 
-from explain.methods.base import SplitClassifier
+from explain.nets.split import SplitClassifier
 
 
 def _conv(c_in: int, c_out: int) -> list[nn.Module]:

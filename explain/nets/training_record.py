@@ -47,12 +47,15 @@ class StepLoop:
     def __init__(self, steps: int, description: str, progress: Progress | None, every: int = 10):
         self.steps, self.progress, self.every = steps, progress, every
         self.losses: list[float] = []
+        self.parts: dict[str, list[float]] = {}
         self.bar = tqdm(total=steps, desc=description, leave=False, disable=None)
         if progress is not None:
             progress(0, steps)
 
     def step(self, loss: float, **parts: float) -> None:
         self.losses.append(float(loss))
+        for name, value in parts.items():
+            self.parts.setdefault(name, []).append(float(value))
         self.bar.update(1)
         done = len(self.losses)
         if done % self.every == 0 or done == self.steps:
@@ -67,13 +70,19 @@ class StepLoop:
         self.bar.close()
 
     def summary(self) -> dict[str, Any]:
-        tail = self.losses[-max(1, self.steps // 10) :]
-        return {
+        """The loss curve; with named parts (e.g. C3LT's cls, prx), each part's first and last-10% mean."""
+        last = max(1, self.steps // 10)
+        tail = self.losses[-last:]
+        out: dict[str, Any] = {
             "steps": self.steps,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last_10pct": sum(tail) / len(tail) if tail else None,
             "loss_every_step": self.losses,
         }
+        if self.parts:
+            out["parts_first"] = {k: v[0] for k, v in self.parts.items()}
+            out["parts_last_10pct"] = {k: sum(v[-last:]) / len(v[-last:]) for k, v in self.parts.items()}
+        return out
 
 
 def write_record(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:

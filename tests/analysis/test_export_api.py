@@ -15,6 +15,7 @@ from analysis.demo import demo_study_create
 from analysis.report import CAPTIONS
 from analysis.selectors import COLUMN_NAMES, data_dictionary, responses_tidy
 from studies.models import Assignment, ProviderIdentity, Response
+from tests.studies.builders import data_guards_off
 
 SECRET_WORKER_ID = "A1WORKERSECRET42"
 
@@ -101,14 +102,20 @@ def test_responses_csv_matches_the_json(study, researcher_client):
     assert dictionary.splitlines()[0] == "column,type,description" and "exclusion_reasons" in dictionary
 
 
-def test_api_lists_studies_and_progress(study, researcher_client):
+def test_api_lists_studies_and_progress_without_the_pilots(study, researcher_client):
+    pilot = Assignment.objects.filter(study=study, status=Assignment.Status.COMPLETED).order_by("pk").first()
+    with data_guards_off():
+        Assignment.objects.filter(pk=pilot.pk).update(is_pilot=True)
     listed = researcher_client.get("/api/studies/").json()
     mine = next(s for s in listed if s["id"] == study.pk)
-    assert mine["n_responses"] == Response.objects.filter(trial__block__assignment__study=study).count()
+    responses = Response.objects.filter(trial__block__assignment__study=study)
+    assert mine["n_responses"] == responses.exclude(trial__block__assignment=pilot).count() > 0
+    assert mine["n_assignments_completed"] == 22 and mine["n_pilot_assignments"] == 1
     progress = researcher_client.get(f"/api/studies/{study.pk}/progress/").json()
-    assert progress["assignments"]["completed"] == 23 and progress["assignments"]["started"] == 1
-    assert progress["simulated_raters"] == 24
-    assert sum(c["completed_assignments"] for c in progress["completed_per_condition"]) == 23
+    assert progress["assignments"]["completed"] == 22 and progress["assignments"]["started"] == 1
+    assert progress["pilot_assignments"] == 1 and progress["simulated_raters"] == 23
+    assert sum(c["completed_assignments"] for c in progress["completed_per_condition"]) == 22
+    assert progress["responses"] == mine["n_responses"]
 
 
 def test_api_analysis_says_which_model_each_number_comes_from(study, researcher_client):
@@ -152,10 +159,14 @@ def test_report_command_writes_html_pdf_and_csv_identically_twice(study, tmp_pat
     assert {"report.html", "report.pdf", "responses.csv", "data_dictionary.csv", "figures/stimuli.png"} <= {
         str(f) for f in files
     }
+    assert {f"tables/{name}.tex" for name in CAPTIONS} <= {str(f) for f in files}
+    assert "\\toprule" in (one / "tables" / "table5.tex").read_text()
     for f in files:
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
     pdf = (one / "report.pdf").read_bytes()
-    assert pdf.startswith(b"%PDF") and b"CreationDate" not in pdf
+    # The only date in the PDF is reportlab's invariant one (2000-01-01), never the time of the run.
+    assert pdf.startswith(b"%PDF") and b"(D:20000101000000+00'00')" in pdf
+    assert pdf.count(b"CreationDate") == 1 and b"ModDate (D:2000" in pdf
     html = (one / "report.html").read_text()
     assert "raters are\nsimulated learners" in html and "bias-reduced sandwich" in html
     meta = json.loads((one / "report.json").read_text())
@@ -184,3 +195,34 @@ def test_report_page_is_for_staff_only(study, plain_user, researcher_client):
     table = researcher_client.get(f"/analysis/studies/{study.pk}/tables/accuracy.csv")
     assert table.status_code == 200 and table.content.decode().startswith("method,setup,n_raters")
     assert researcher_client.get(f"/analysis/studies/{study.pk}/tables/nonsense.csv").status_code == 404
+
+
+def test_report_first_page_states_the_plan_flags_deviations_and_small_cells(study):
+    from analysis.report import report_build, report_html, report_pdf
+    from tests.analysis.test_report_pdf import pdf_pages_text
+
+    report = report_build(study=study, n_boot=200, mixed=False)
+    meta = report.meta
+    assert meta["preregistration"]["frozen_at"] and meta["deviations"] == []
+    primary = report.tables["primary"]
+    # No primary claim the rater permutation test does not support: the primary p is never below it.
+    assert (primary["p"] >= primary["p_permutation"] - 1e-12).all()
+    assert set(meta["significant_primary"]) == set(primary.loc[primary["significant"], "comparison"])
+    # 4 raters per condition: every condition is flagged with its power, and no rater bootstrap is shown.
+    assert len(report.tables["small_cells"]) == len(report.tables["accuracy"])
+    assert report.tables["accuracy"]["bootstrap_low"].isna().all()
+    assert report.tables["learning_gain"]["gain_bootstrap_low"].isna().all()
+    assert report.tables["table5"].columns.tolist()[0] == "method"
+
+    # Changing the exclusion rules after the plan was frozen is reported as a deviation, on the first page.
+    from tests.studies.builders import data_guards_off
+
+    with data_guards_off():
+        type(study).objects.filter(pk=study.pk).update(exclusion_rules={"incomplete": True})
+    study.refresh_from_db()
+    changed = report_build(study=study, n_boot=200, mixed=False)
+    assert any(d.startswith("exclusion_rules: pre-registered") for d in changed.meta["deviations"])
+    html = report_html(changed)
+    assert "Deviations from the plan" in html and html.index("Deviations") < html.index("table-primary")
+    first_page = pdf_pages_text(report_pdf(changed))[0]  # and on the PDF's first page
+    assert "Deviations from the plan" in first_page and "exclusion_rules: pre-registered" in first_page

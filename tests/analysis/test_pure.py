@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-PURE = ["analysis.stats", "analysis.power", "analysis.simulate", "analysis.figures"]
+PURE = ["analysis.stats", "analysis.primary", "analysis.power", "analysis.simulate", "analysis.figures"]
 
 
 @pytest.mark.parametrize("module", PURE)

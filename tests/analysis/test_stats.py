@@ -132,6 +132,13 @@ def test_accuracy_dont_know_and_gain_by_hand():
     gain = stats.learning_gain_table(rows, n_boot=500).set_index("method")
     assert gain.loc["m", "pre_accuracy"] == 1 / 8
     assert gain.loc["m", "gain"] == pytest.approx(5 / 8 - 1 / 8)
+    assert gain.loc["m", ["gain_bootstrap_low", "gain_bootstrap_high"]].notna().all()
+    # Below the minimum number of raters neither rater bootstrap is shown (2 raters: 3 distinct resamples).
+    few = stats.learning_gain_table(rows, n_boot=500, min_bootstrap_raters=3)
+    assert few["gain_bootstrap_low"].isna().all() and few["gain_bootstrap_high"].isna().all()
+    assert few.set_index("method").loc["m", "gain"] == gain.loc["m", "gain"]
+    acc_few = stats.accuracy_table(stats.analysed_test_rows(rows), n_boot=500, min_bootstrap_raters=3)
+    assert acc_few["bootstrap_low"].isna().all() and acc_few["wilson_low"].notna().all()
 
 
 def test_gee_with_one_answer_per_rater_is_the_pooled_odds_ratio():
@@ -151,35 +158,40 @@ def test_gee_with_one_answer_per_rater_is_the_pooled_odds_ratio():
 
 
 def test_contrasts_name_pairwise_and_interaction_comparisons():
-    contrasts = stats.contrasts_for(["a", "b", "c"], ["random", "semantic"])
+    contrasts = stats.contrasts_for(["a", "b", "c"], ["random", "consistent"])
     kinds = [c.kind for c in contrasts]
     assert kinds.count("pairwise") == 6 and kinds.count("interaction") == 3
     inter = next(c for c in contrasts if c.kind == "interaction" and c.method_b == "c" and c.method_a == "a")
     assert inter.weights == {
-        ("c", "semantic"): 1,
-        ("a", "semantic"): -1,
+        ("c", "consistent"): 1,
+        ("a", "consistent"): -1,
         ("c", "random"): -1,
         ("a", "random"): 1,
     }
 
 
 def test_models_recover_a_known_interaction():
-    truth = {("a", "random"): 0.75, ("b", "random"): 0.75, ("a", "semantic"): 0.6, ("b", "semantic"): 0.85}
+    truth = {
+        ("a", "random"): 0.75,
+        ("b", "random"): 0.75,
+        ("a", "consistent"): 0.6,
+        ("b", "consistent"): 0.85,
+    }
     rows = stats.analysed_test_rows(
         simulate_rows(truth, raters_per_condition=25, pairs_per_rater=2, rater_sd=0.5, image_sd=0.2, seed=11)
     )
     result = stats.significance(rows)
     comp = result["comparisons"].set_index(["model", "comparison"])
     for model in (stats.GEE_MODEL, stats.MIXED_MODEL):
-        assert comp.loc[(model, "b vs a | semantic"), "p_holm"] < 0.01
+        assert comp.loc[(model, "b vs a | consistent"), "p_holm"] < 0.01
         assert comp.loc[(model, "b vs a | random"), "p"] > 0.01
-        assert comp.loc[(model, "(b vs a) x (semantic vs random)"), "odds_ratio"] > 1.5
+        assert comp.loc[(model, "(b vs a) x (consistent vs random)"), "odds_ratio"] > 1.5
     # Holm never lowers a p-value; the joint interaction test has one degree of freedom with two methods.
     assert (result["comparisons"]["p_holm"] >= result["comparisons"]["p"] - 1e-12).all()
     assert set(result["interaction"]["df"]) == {1} and (result["interaction"]["p"] < 0.01).all()
     cross = result["crosscheck"].set_index("comparison")
-    assert cross.loc["b vs a | semantic", "p_fisher"] < 0.01
-    semantic = cross.loc["b vs a | semantic"]
+    assert cross.loc["b vs a | consistent", "p_fisher"] < 0.01
+    semantic = cross.loc["b vs a | consistent"]
     assert semantic["cohens_h"] == pytest.approx(
         stats.cohens_h(semantic["accuracy_a"], semantic["accuracy_b"])
     )
@@ -212,6 +224,7 @@ def test_exclusions_by_rule():
         "median_rt_below_ms": 1,
         "incomplete": 1,
         "excluded by the researcher": 1,
+        "dropped by correction": 0,
         "any rule (total)": 4,
         "raters kept": 1,
     }
@@ -272,3 +285,13 @@ def test_metrics_correlate_with_accuracy_across_pairs():
     assert math.isnan(corr.loc["cout", "spearman_rho"])  # missing metric: no correlation, no error
     assert math.isnan(corr.loc["flip_rate", "spearman_rho"])  # constant metric
     assert set(result["metrics_by_condition"]["method"]) == {"a", "b"}
+
+
+def test_a_separated_fit_gives_infinite_odds_ratios_not_an_overflow():
+    # Complete separation drives a GEE's log odds and standard errors to hundreds: math.exp overflowed and
+    # stopped the whole report. The table shows inf (and 0) instead, with the p-value of the Wald test.
+    contrast = stats.contrasts_for(["a", "b"], ["random"])[0]
+    fit = stats.Fit("GEE", [("a", "random"), ("b", "random")], np.array([0.0, 40.0]), np.diag([1.0, 1e6]))
+    row = stats.contrast_table(fit, [contrast]).iloc[0]
+    assert row["odds_ratio"] == pytest.approx(math.exp(40)) and row["or_high"] == math.inf
+    assert row["or_low"] == 0.0 and 0 < row["p"] < 1

@@ -21,19 +21,22 @@ def _trial(page) -> tuple[str, str]:
 
 
 def _wait_past(page, key: str) -> None:
-    page.wait_for_function(
-        "k => { const s = document.querySelector('section.trial'); return !s || s.dataset.trial !== k; }",
-        arg=key,
-    )
+    """Until the trial ``key`` has gone: the next one swapped in, or the page moved on (the debrief). A
+    locator assertion, retried across the navigation after the last answer (a function waited for in the
+    page can miss it)."""
+    expect(page.locator(f'section.trial[data-trial="{key}"]')).to_have_count(0)
 
 
-def _answer_by_key(page, phase: str, key: str) -> None:
+def _answer_by_key(page, phase: str, side: str) -> None:
+    current = _trial(page)[1]  # read before the key press: the next trial may be swapped in at once
+    # As a person would: press once the trial has settled (swapped in, its form wired, its timing started).
+    expect(page.locator(f'section.trial[data-trial="{current}"][data-ready]')).to_have_count(1)
     if phase == "learning":
         button = page.locator('form.answer button[value="seen"]')
         expect(button).to_be_disabled()  # the minimum viewing time
         expect(button).to_be_enabled()
-    page.keyboard.press(PHASE_KEYS[phase] if phase != "test" else key)
-    _wait_past(page, _trial(page)[1] if page.locator("section.trial").count() else "")
+    page.keyboard.press(PHASE_KEYS[phase] if phase != "test" else side)
+    _wait_past(page, current)
 
 
 def _start(page, url: str) -> None:

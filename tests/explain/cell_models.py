@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
-from explain.methods.base import SplitClassifier
+from explain.nets.split import SplitClassifier
 
 NUM_CLASSES = 4
-HEADS = ["flatten-linear", "mlp", "pool-linear", "conv"]
+HEADS = ["flatten-linear", "mlp", "pool-linear", "conv", "bottleneck"]
 # The scorer each head gets (head_scorer's choice): conv heads fall back to g itself.
 SCORER_KIND = {
     "flatten-linear": "flatten-linear",
     "mlp": "flatten-linear",
     "pool-linear": "pool-linear",
     "conv": "generic",
+    "bottleneck": "bottleneck-local",
 }
 
 
@@ -57,6 +59,16 @@ def head(kind: str, d: int, grid: tuple[int, int], num_classes: int = NUM_CLASSE
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(6, num_classes),
+        )
+    if kind == "bottleneck":  # ResNet-50's head after conv5_1 in miniature: two bottlenecks, pooling, fc
+        blocks = [Bottleneck(d, d // 4) for _ in range(2)]
+        for norm in (m for block in blocks for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-0.5, 0.5)  # trained-looking statistics, so folding them is tested
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.5, 0.5)
+        return nn.Sequential(
+            nn.Sequential(*blocks), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(d, num_classes)
         )
     raise ValueError(kind)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from explain.methods.base import SplitClassifier
+from explain.nets.split import SplitClassifier
 
 SIZE = 32
 HEAD_COLOURS = {0: (0.9, 0.0, 0.0), 1: (0.0, 0.0, 0.9)}

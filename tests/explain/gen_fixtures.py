@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from explain.methods.base import SplitClassifier
-from explain.nets.autoencoder import AutoencoderKL, autoencoder_config
+from explain.nets.autoencoder import AutoencoderKL, autoencoder_config, new_autoencoder
 from explain.nets.bridge import BridgeSchedule, InpaintingBridge, UNet2DModel, bridge_config
 from explain.nets.c3lt_maps import C3LTMaps, LatentMap
 from explain.nets.diffusion import DDIMScheduler, LatentDenoiser, denoiser_config, scheduler_config
 from explain.nets.sae import SparseAutoencoder
+from explain.nets.split import SplitClassifier
 
 SIZE = 16
 NUM_CLASSES = 4
@@ -34,7 +34,7 @@ def tiny_classifier(seed: int = 0) -> SplitClassifier:
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     cfg = autoencoder_config(block_out_channels=(8, 16), norm_num_groups=8, sample_size=SIZE)
-    return AutoencoderKL(**cfg).eval()
+    return new_autoencoder(cfg).eval()
 
 
 def tiny_denoiser(seed: int = 0) -> LatentDenoiser:

@@ -1,5 +1,6 @@
 """A tiny embedded-default slice for the precompute tests: Fashion-MNIST rows and a briefly trained CNN."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -16,6 +17,7 @@ from django.db import connection
 from PIL import Image as PILImage
 
 from explain.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
+from explain.methods import Registered, registry
 from explain.models import Classifier, ClassLabel, Dataset, Image
 from explain.nets.small_cnn import SmallCNN
 
@@ -148,3 +150,14 @@ class Worker:
                 self.process.kill()
                 self.process.wait(timeout=30)
             self.log.close()
+
+
+def redeclare(monkeypatch, method: str, **changes) -> None:
+    """Run one test with ``method`` declared with ``changes`` (e.g. a test variant); the registry is restored
+    after the test."""
+    names = registry()
+    entry = names[method]
+    declared = dataclasses.replace(entry.declaration, **changes)
+    monkeypatch.setitem(names, method, Registered(method, declared, None, entry.defaults))
+    for variant in declared.variants:
+        monkeypatch.setitem(names, variant.name, Registered(variant.name, declared, variant, entry.defaults))

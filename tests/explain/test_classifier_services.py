@@ -11,7 +11,7 @@ from django.core.management import call_command
 
 from explain.models import Backbone, Classifier, Prediction
 from explain.nets.classifiers import build_classifier
-from explain.selectors import auxiliary_model, classifier_model, image_array, mined_pairs, pair_images
+from explain.selectors import auxiliary_model, classifier_model, image_array, mined_pairs
 from explain.services import (
     auxiliary_register,
     auxiliary_train,
@@ -19,9 +19,9 @@ from explain.services import (
     classifier_register,
     classifier_train,
     dataset_import,
-    study_pairs_add,
 )
 from studies.models import ClassPair
+from studies.services import study_pairs_add
 from tests.explain.data_dirs import write_cub
 from tests.factories import StudyFactory
 
@@ -49,7 +49,7 @@ def test_training_saves_a_checkpoint_and_stores_evaluation_and_predictions(fashi
     assert (trained.architecture, trained.split_point, trained.input_size, trained.in_channels) == (
         "small_cnn", "features", 28, 1,
     )  # fmt: skip
-    assert trained.provenance["loss"][-1] < trained.provenance["loss"][0]
+    assert trained.provenance["epoch_losses"][-1] < trained.provenance["epoch_losses"][0]
     assert Prediction.objects.filter(classifier=trained).count() == 240
     assert trained.test_accuracy == pytest.approx(_reference_accuracy(trained, "test"))
     assert trained.evaluation["train"]["accuracy"] == pytest.approx(_reference_accuracy(trained, "train"))
@@ -93,59 +93,6 @@ def test_register_refuses_a_checkpoint_with_the_wrong_class_count(tmp_path, fash
             dataset=fashion, name="x", architecture="lenet", checkpoint_path=tmp_path / "five.pt"
         )
     assert not Classifier.objects.exists()
-
-
-def test_pair_images_are_correctly_classified_from_the_right_split_and_deterministic(fashion):
-    classifier = classifier_register(
-        dataset=fashion, name="random", architecture="small_cnn", checkpoint_path=_random_small_cnn(),
-        options={"width": 4},
-    )  # fmt: skip
-    # Decisions with a known pattern: every third image of each class is misclassified.
-    images = list(fashion.images.select_related("class_label").order_by("pk"))
-    Prediction.objects.bulk_create(
-        Prediction(classifier=classifier, image=image, correct=i % 3 != 0,
-                   predicted_index=image.class_label.index if i % 3 else (image.class_label.index + 1) % 10)
-        for i, image in enumerate(images)
-    )  # fmt: skip
-    correct = {image.pk for i, image in enumerate(images) if i % 3}
-    labels = {c.index: c for c in fashion.classes.all()}
-    study = StudyFactory(dataset=fashion, classifier=classifier, seed=5)
-    pair = ClassPair.objects.create(study=study, class_a=labels[4], class_b=labels[6])
-    available = {
-        split: sum(
-            1 for i, im in enumerate(images) if i % 3 and im.split == split and im.class_label.index == 4
-        )
-        for split in ("train", "test")
-    }
-    for split in ("train", "test"):
-        chosen = pair_images(study=study, pair=pair, split=split, n=6)
-        assert len(chosen) == 6 and len({i.pk for i in chosen}) == 6
-        assert all(i.split == split and i.pk in correct for i in chosen)
-        assert sorted(i.class_label.index for i in chosen) == [4, 4, 4, 6, 6, 6]
-        assert [i.pk for i in pair_images(study=study, pair=pair, split=split, n=6)] == [i.pk for i in chosen]
-    only_a = pair_images(study=study, pair=pair, split="test", n=5, side="a")
-    assert {i.class_label.index for i in only_a} == {4}
-    other = StudyFactory(dataset=fashion, classifier=classifier, seed=6)
-    other_pair = ClassPair.objects.create(study=other, class_a=labels[4], class_b=labels[6])
-    first = [i.pk for i in pair_images(study=study, pair=pair, split="train", n=5, side="a")]
-    second = [i.pk for i in pair_images(study=other, pair=other_pair, split="train", n=5, side="a")]
-    assert first != second  # another seed, another draw
-    with pytest.raises(
-        ValidationError, match=rf"has {available['test']} test images that classifier 'random'"
-    ):
-        pair_images(study=study, pair=pair, split="test", n=available["test"] + 1, side="a")
-
-
-def test_pair_images_need_stored_predictions(fashion):
-    bare = classifier_register(
-        dataset=fashion, name="unevaluated", architecture="small_cnn", checkpoint_path=_random_small_cnn(),
-        options={"width": 4},
-    )  # fmt: skip
-    study = StudyFactory(dataset=fashion, classifier=bare)
-    labels = list(fashion.classes.all()[:2])
-    pair = ClassPair.objects.create(study=study, class_a=labels[0], class_b=labels[1])
-    with pytest.raises(ValidationError, match="no stored predictions on the test split.*evaluate it first"):
-        pair_images(study=study, pair=pair, split="test", n=2)
 
 
 def _random_small_cnn() -> Path:
@@ -196,7 +143,7 @@ def test_nearest_pairs_by_cub_attributes(tmp_path):
 def test_auxiliary_model_trained_on_the_data_set(fashion):
     backbone = auxiliary_train(dataset=fashion, epochs=2, batch_size=40, width=4, dim=8)
     assert backbone.kind == Backbone.Kind.AUXILIARY and Path(backbone.path).is_file()
-    assert len(backbone.provenance["loss"]) == 2
+    assert len(backbone.provenance["epoch_losses"]) == 2
     cells = auxiliary_model(backbone).cells(torch.zeros(2, 1, 28, 28))
     assert cells.shape == (2, 8, 7, 7)
     with pytest.raises(ValidationError, match="already exists"):

@@ -1,5 +1,6 @@
-"""CVE (Goyal et al. 2019): the batched search equals a plain one-candidate-at-a-time search, and its output
-holds together (flips really classify as the target, masks cover the edited cells, config regenerates it)."""
+"""CVE (Goyal et al. 2019): the batched search equals a plain one-candidate-at-a-time loop written from
+Eq. 1-2 (no cell reused, the documented tie rule), and its output holds together (flips really classify as the
+target, masks cover the edited cells, config regenerates it)."""
 
 from __future__ import annotations
 
@@ -23,22 +24,29 @@ from tests.explain.cell_models import (  # noqa: F401 (single_thread: an autouse
     tiny_model,
 )
 
+FRESH = [int.from_bytes(os.urandom(4), "little") for _ in range(2)]  # new inputs on every run
+FRESH_TIES = [int.from_bytes(os.urandom(4), "little")]
+
 
 def reference_cve(
     model: SplitClassifier, query: torch.Tensor, target: int, distractor: torch.Tensor, max_edits: int | None
 ) -> tuple[list[Edit], list[float], bool]:
-    """The obvious greedy loop: every (i, j) scored by its own pass of g; the first best wins ties."""
+    """The obvious greedy loop: every unused (i, j) scored by its own pass of g, in order i then j, strict ">"
+    (the lowest pair wins exact ties); a query cell or distractor cell once used is never a candidate again
+    (Eq. 1's permutation P and gating a)."""
     with torch.no_grad():
         current, fd = model.f(query)[0].clone(), model.f(distractor)[0]
         d, h, w = current.shape
         hw = h * w
         cap = hw if max_edits is None else max_edits
-        edits, scores = [], []
+        edits, scores, used_i, used_j = [], [], set(), set()
         flipped = int(model.g(current[None]).argmax()) == target
         while not flipped and len(edits) < cap:
             best = None
             for i in range(hw):
                 for j in range(hw):
+                    if i in used_i or j in used_j:
+                        continue
                     candidate = current.clone()
                     candidate[:, i // w, i % w] = fd[:, j // w, j % w]
                     logits = model.g(candidate[None])[0]
@@ -47,6 +55,8 @@ def reference_cve(
                         best = (score, i, j, int(logits.argmax()) == target)
             score, i, j, flipped = best
             current[:, i // w, i % w] = fd[:, j // w, j % w]
+            used_i.add(i)
+            used_j.add(j)
             edits.append(Edit(i, 0, j))
             scores.append(score)
     return edits, scores, flipped
@@ -140,16 +150,71 @@ def test_an_unreachable_target_stops_at_the_cap_without_raising(max_edits):
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_an_unreachable_target_matches_the_reference_through_repeated_cells(seed):
-    """Run to the cap, the search re-edits cells and meets exact ties (no-op replacements): same choices."""
+def test_run_to_the_cap_no_cell_is_used_twice_and_the_choices_are_the_reference_loops(seed):
+    """Run to the cap (an unreachable target), every query cell and every distractor cell is used once."""
     model = unreachable_model(seed, unreachable=2)
     x = images(seed, 2)
     expected_edits, expected_scores, _ = reference_cve(model, x[:1], 2, x[1:], None)
-    assert len({e.query_cell for e in expected_edits}) < len(expected_edits)  # a query cell chosen twice
     for chunk_size in (1, 7, 1000):
         result = CVE(chunk_size=chunk_size).explain(model, x[:1], 2, x[1:])
+        assert len(result.edits) == 16
+        assert sorted(e.query_cell for e in result.edits) == list(range(16))
+        assert sorted(e.distractor_cell for e in result.edits) == list(range(16))
         assert result.edits == expected_edits
         np.testing.assert_allclose(result.scores, expected_scores, rtol=1e-5, atol=1e-6)
+
+
+def feature_model(seed: int, kind: str, grid: tuple[int, int]) -> SplitClassifier:
+    """f is the identity: the "images" are feature maps, so a test can place exact ties among the cells."""
+    model = tiny_model(seed, kind, grid)
+    return SplitClassifier(f=torch.nn.Identity(), g=model.g)
+
+
+def tied_features(seed: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A query and a distractor (2, 8, h, w) whose cells repeat: two distinct distractor cells, the query's
+    cells drawn from three vectors, so many candidate pairs score exactly alike."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = grid
+    vectors = torch.randn(5, 8, generator=generator) * 3
+    query_pick = torch.randint(0, 3, (h * w,), generator=generator)
+    distractor_pick = 3 + torch.randint(0, 2, (h * w,), generator=generator)
+    query = vectors[query_pick].t().reshape(8, h, w)
+    distractor = vectors[distractor_pick].t().reshape(8, h, w)
+    return torch.stack([query, distractor])
+
+
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("seed", [*range(70, 74), *FRESH_TIES])
+def test_exact_ties_break_by_the_documented_rule_on_every_head(kind, seed):
+    """Duplicated distractor (and query) cells make exactly equal scores: both pick the lowest (i, j)."""
+    grid = (3, 3)
+    model = feature_model(seed, kind, grid)
+    x = tied_features(seed, grid)
+    target = a_target(model, x[:1], x[1:])
+    expected_edits, expected_scores, expected_flipped = reference_cve(model, x[:1], target, x[1:], None)
+    result = CVE(chunk_size=[4, 4096][seed % 2]).explain(model, x[:1], target, x[1:])
+    assert result.edits == expected_edits, f"seed {seed}"
+    assert result.scores == pytest.approx(expected_scores, rel=1e-6, abs=1e-6)
+    assert result.flipped == expected_flipped
+
+
+def test_ties_really_occur_in_the_tie_cases():
+    """Guards the test above: the first step's best score is shared by several pairs on some inputs."""
+    shared = 0
+    for seed in range(70, 74):
+        model = feature_model(seed, "flatten-linear", (3, 3))
+        x = tied_features(seed, (3, 3))
+        target = a_target(model, x[:1], x[1:])
+        with torch.no_grad():
+            scores = []
+            for i in range(9):
+                for j in range(9):
+                    candidate = x[0].clone().reshape(8, 9)
+                    candidate[:, i] = x[1].reshape(8, 9)[:, j]
+                    logits = model.g(candidate.reshape(1, 8, 3, 3))[0]
+                    scores.append(float(torch.log_softmax(logits, -1)[target]))
+        shared += scores.count(max(scores)) > 1
+    assert shared >= 2
 
 
 def test_a_query_already_of_the_target_class_needs_no_edit():
@@ -200,10 +265,10 @@ def test_config_round_trip_reproduces_the_result():
     first = CVE(max_edits=6, chunk_size=33).explain(model, x[:1], target, x[1:])
     assert first.config == {"method": "cve", "max_edits": 6, "chunk_size": 33, "precision": "float32"}
     assert first.method == "cve" and first.target == target
-    assert set(first.timings) == {"features_s", "search_s", "candidates", "rescored"}
-    assert first.timings["candidates"] == 256 * len(first.edits) and first.timings["rescored"] >= len(
-        first.edits
-    )
+    assert set(first.timings) == {"features_s", "search_s", "candidates", "evaluated", "rescored"}
+    # no reuse: step s scores the (16 - s)^2 pairs of unused query and distractor cells
+    assert first.timings["candidates"] == sum((16 - s) ** 2 for s in range(len(first.edits)))
+    assert first.timings["rescored"] <= first.timings["evaluated"] <= first.timings["candidates"]
     again = CVE(**{k: v for k, v in first.config.items() if k != "method"}).explain(
         model, x[:1], target, x[1:]
     )
@@ -224,9 +289,6 @@ def test_bad_arguments_are_refused():
         CVE().explain(model, x[:1], NUM_CLASSES, x[1:])  # not a class of g
     with pytest.raises(ValueError, match="precision"):
         CVE(precision="float8")
-
-
-FRESH = [int.from_bytes(os.urandom(4), "little") for _ in range(2)]  # new inputs on every run
 
 
 @pytest.mark.parametrize("kind", HEADS)
@@ -259,7 +321,7 @@ def check_reduced_precision(kind: str, precision: str, device: str) -> None:
         assert reduced.scores == pytest.approx(exact.scores, rel=1e-5, abs=1e-5), seed
 
 
-@pytest.mark.parametrize("kind", ["flatten-linear", "mlp", "pool-linear"])  # CPU conv in bfloat16 is slow
+@pytest.mark.parametrize("kind", ["flatten-linear", "mlp", "pool-linear", "bottleneck"])  # CPU conv: slow
 def test_reduced_precision_scores_still_choose_the_float32_edits(kind):
     check_reduced_precision(kind, "bfloat16", "cpu")
 
@@ -314,3 +376,18 @@ def test_memory_bound_on_chunks_keeps_the_reference_edits(monkeypatch):
     target = a_target(model, x[:1], x[1:])
     expected_edits, _, _ = reference_cve(model, x[:1], target, x[1:], None)
     assert CVE().explain(model, x[:1], target, x[1:]).edits == expected_edits
+
+
+def test_pooling_to_the_grid_size_keeps_the_fast_scorer():
+    """The split VGG classifier's g starts with AdaptiveAvgPool2d((7, 7)), a copy at 224 px: the rank-d
+    scorer still applies (it fell back to g per candidate) and still chooses the reference's edits."""
+    model = tiny_model(70, "mlp")
+    model = SplitClassifier(f=model.f, g=torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 4)), *model.g))
+    assert head_scorer(model.g, 8, (4, 4)).kind == "flatten-linear"
+    assert head_scorer(model.g, 8, (3, 3)).kind == "generic"  # pooling that changes the grid is not skipped
+    x = images(70, 2)
+    target = a_target(model, x[:1], x[1:])
+    expected_edits, expected_scores, _ = reference_cve(model, x[:1], target, x[1:], None)
+    result = CVE().explain(model, x[:1], target, x[1:])
+    assert result.edits == expected_edits
+    assert result.scores == pytest.approx(expected_scores, rel=1e-6, abs=1e-6)

@@ -21,7 +21,7 @@ DJANGO_FREE = [
     "explain.nets.classifiers",
     "explain.nets.training",
     "explain.nets.auxiliary",
-    "explain.pairs",
+    "explain.stimuli.pairs",
 ]
 
 

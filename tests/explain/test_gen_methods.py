@@ -5,6 +5,7 @@ shared helpers against plain reference implementations."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from explain.methods.generative import BatchAdam, change_region, cout, gaussian_
 from explain.methods.ldce import LDCE, LDCETxt
 from explain.methods.rcsb import RCSB, top_cells_region
 from explain.methods.slc import SLC
+from explain.nets.autoencoder import decode, encode
 
 from .gen_fixtures import (
     NUM_CLASSES,
@@ -40,7 +42,8 @@ def build(name: str, **overrides):
         kw = {"num_inference_steps": 10, "start_step": 3} | overrides
         return LDCE(autoencoder=tiny_vae(), denoiser=tiny_denoiser(), **kw)
     if name == "rcsb":
-        return RCSB(bridge=tiny_bridge(), **({"steps": 4, "ig_steps": 3} | overrides))
+        kw = {"steps": 4, "ig_steps": 3, "smooth_samples": 2, "cell_size": 4}
+        return RCSB(bridge=tiny_bridge(), **(kw | overrides))
     raise AssertionError(name)
 
 
@@ -118,7 +121,7 @@ def test_rcsb_changes_no_pixel_outside_its_region():
 
 def test_top_cells_region_against_a_plain_ranking():
     attribution = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    region = top_cells_region(attribution, (4, 4), area=0.25)
+    region = top_cells_region(attribution, 4, area=0.25)
     for i in range(2):
         sums = {
             (r, c): float(attribution[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].abs().sum())
@@ -236,3 +239,269 @@ def test_cout_against_a_plain_loop():
                 probs.append(torch.softmax(model.g(model.f(frame.view(1, 1, 16, 16))), -1)[0])
         aupc = sum((probs[t] + probs[t + 1]) / 2 for t in range(8)) / 8
         assert cout(model, x, x_cf, 0, 2, steps=8) == pytest.approx(float(aupc[2] - aupc[0]), abs=1e-6)
+
+
+def direct_consensus(guide: torch.Tensor, implicit: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. (10)-(11) one 1x1 patch at a time: the angle by acos in float64, zeroed where it exceeds gamma."""
+    out = guide.clone()
+    b, _, h, w = guide.shape
+    for i in range(b):
+        for r in range(h):
+            for c in range(w):
+                u, v = guide[i, :, r, c].double(), implicit[i, :, r, c].double()
+                angle = math.degrees(math.acos(max(-1.0, min(1.0, float(u @ v / (u.norm() * v.norm()))))))
+                if angle > gamma:
+                    out[i, :, r, c] = 0
+    return out
+
+
+@pytest.mark.parametrize("gamma", [45.0, 90.0, 135.0])
+def test_ldce_consensus_at_intermediate_angles_equals_eq_10_11(gamma):
+    from explain.methods.ldce import guided_score
+
+    g = torch.Generator().manual_seed(int(gamma))
+    eps_uc, eps_c, grad_c = (torch.randn(2, 4, 5, 5, generator=g) for _ in range(3))
+    a_t = torch.tensor(0.6)
+    eps, keep = guided_score(
+        eps_uc, eps_c, grad_c, torch.zeros_like(grad_c), a_t,
+        lambda_c=1.0, lambda_d=0.0, eta=1.0, gamma=gamma, enforce_same_norms=False,
+    )  # fmt: skip
+    expected = direct_consensus((1 - a_t).sqrt() * grad_c, eps_c - eps_uc, gamma)
+    torch.testing.assert_close(eps - eps_uc, expected)
+    assert 0 < float(keep.float().mean()) < 1  # some patches kept, some filtered
+
+
+def test_ldce_renormalised_guidance_has_the_implicit_classifiers_norm():
+    """enforce_same_norms: each weighted term has norm lambda ||eps_c - eps_uc|| per item, after filtering."""
+    from explain.methods.ldce import guided_score
+
+    g = torch.Generator().manual_seed(5)
+    eps_uc, eps_c, grad_c, grad_d = (torch.randn(3, 4, 6, 6, generator=g) for _ in range(4))
+    grad_c[1] *= 1000.0  # the raw scales differ wildly; the renormalised ones do not
+    a_t = torch.tensor(0.3)
+    implicit_norm = (eps_c - eps_uc).flatten(1).norm(dim=1)
+    for lambda_c, lambda_d in ((2.3, 0.0), (0.0, 0.3)):
+        eps, keep = guided_score(
+            eps_uc, eps_c, grad_c, grad_d, a_t,
+            lambda_c=lambda_c, lambda_d=lambda_d, eta=2.0, gamma=45.0, enforce_same_norms=True,
+        )  # fmt: skip
+        term = (eps - eps_uc) / 2.0
+        torch.testing.assert_close(term.flatten(1).norm(dim=1), (lambda_c + lambda_d) * implicit_norm)
+    # the classifier term keeps the filtered direction: zero where the consensus dropped a patch
+    eps, keep = guided_score(
+        eps_uc, eps_c, grad_c, grad_d, a_t,
+        lambda_c=1.0, lambda_d=0.0, eta=1.0, gamma=45.0, enforce_same_norms=True,
+    )  # fmt: skip
+    assert bool(((eps - eps_uc) * ~keep == 0).all()) and not bool(keep.all())
+
+
+def test_ldce_guidance_raises_the_target_probability_against_lambda_c_zero():
+    """Paper defaults (consensus, renormalised), same noise: guidance moves the result towards the target."""
+    model, x = tiny_classifier(), images(4, seed=7)
+    targets = [1, 2, 1, 2]
+    raised = []
+    for lambda_c in (0.0, 2.3):
+        method = build("ldce-cls", lambda_c=lambda_c, start_step=6)
+        results = method.explain_batch(model, x, targets, generator=torch.Generator().manual_seed(11))
+        raised.append([r.scores[1] for r in results])  # p(target | x_cf)
+    assert all(guided > plain for plain, guided in zip(*raised, strict=True)), raised
+
+
+def record_slc_decodes(monkeypatch) -> list[torch.Tensor]:
+    """Every latent SLC decodes, in order (stage 1's, then stage 2's)."""
+    import explain.methods.slc as slc_module
+
+    seen: list[torch.Tensor] = []
+    real = slc_module.decode
+
+    def spy(vae, z, channels=None):
+        seen.append(z.detach().clone())
+        return real(vae, z, channels)
+
+    monkeypatch.setattr(slc_module, "decode", spy)
+    return seen
+
+
+@pytest.mark.parametrize("stop_probability", [0.2, 0.95])
+def test_slc_stage_2_edits_only_the_mask_and_stops_by_the_released_rule(monkeypatch, stop_probability):
+    """Stage 2 changes the latent exactly nowhere outside its mask, and it stops at the first step that ends
+    a run of 5 steps with p(target) > stop_probability, or at the cap; the result says which."""
+    model, x = tiny_classifier(), images(2, seed=9)
+    method = build("slc", stage1_steps=4, max_steps=25, lr=0.2, sigma=1.0, stop_probability=stop_probability)
+    seen = record_slc_decodes(monkeypatch)
+    masks = []
+    real_optimise = SLC._optimise
+
+    def spy(self, *args, noise=None):
+        if noise is not None:
+            masks.append(args[5].detach().clone())  # the stage-2 mask M
+            seen.clear()  # keep stage 2's decodes only
+        return real_optimise(self, *args, noise=noise)
+
+    monkeypatch.setattr(SLC, "_optimise", spy)
+    with torch.no_grad():
+        z = encode(method._vae, x)
+    results = method.explain_batch(model, x, [1, 2], generator=torch.Generator().manual_seed(2))
+    (mask,) = masks
+    outside = (mask == 0).expand_as(z)
+    assert bool(outside.any()) and not bool(outside.all())
+    stage2 = [int(r.timings["stage2_steps"]) for r in results]
+    assert len(seen) == max(stage2) + 1
+
+    def running(step: int) -> list[int]:
+        """The items still running at a stage-2 step: SLC decodes only those, in order."""
+        return [i for i, last in enumerate(stage2) if step <= last]
+
+    for step, latent in enumerate(seen):
+        rows = running(step)
+        assert latent.shape[0] == len(rows)
+        assert torch.equal(latent[outside[rows]], z[rows][outside[rows]])  # the query's latent outside M
+    assert any(not torch.equal(latent, z[running(step)]) for step, latent in enumerate(seen))  # edits in M
+    for i, r in enumerate(results):
+        with torch.no_grad():
+            p = [
+                float(
+                    torch.softmax(
+                        model.g(model.f(decode(method._vae, seen[k][running(k).index(i)][None], 1))), -1
+                    )[0, r.target]
+                )
+                for k in range(stage2[i] + 1)
+            ]
+        run, first_stop = 0, None
+        for step, value in enumerate(p):
+            run = run + 1 if value > stop_probability else 0
+            if run >= 5 and first_stop is None:
+                first_stop = step
+        if r.timings["stage2_stopped_by_rule"] == 1.0:
+            assert first_stop == len(p) - 1  # stopped exactly when the run of five completed
+            assert r.scores[1] == pytest.approx(p[-1], abs=1e-5) and r.scores[1] > stop_probability
+        else:
+            assert first_stop is None and len(p) == 25 + 1  # the cap: 25 updates after the start
+    if stop_probability == 0.2:  # the tiny nets start near 0.2: one item stops by the rule, one at the cap
+        assert sorted(r.timings["stage2_stopped_by_rule"] for r in results) == [0.0, 1.0]
+
+
+def test_bridge_coefficients_equal_the_i2sb_posterior_computed_independently():
+    """I2SB: symmetric betas, sigma_t^2 = sum of betas to t, bar sigma_t^2 = the rest; q(x_t | x_0, x_1) and
+    the OT-ODE step are Gaussian products (compute_gaussian_product_coef), here in float64 numpy."""
+    from explain.nets.bridge import BridgeSchedule, InpaintingBridge
+
+    n, beta_max = 200, 1.0
+    betas = np.linspace(1e-4**0.5, (beta_max / n) ** 0.5, n) ** 2
+    betas = np.concatenate([betas[: n // 2], np.flip(betas[: n - n // 2])])
+    sigma = np.sqrt(np.cumsum(betas))
+    sigma_bar = np.sqrt(np.flip(np.cumsum(np.flip(betas))))
+    schedule = BridgeSchedule(num_timesteps=n)
+    assert schedule.beta_max == beta_max  # the released default
+    bridge = InpaintingBridge(unet=None, schedule=schedule)
+    x0, x1 = torch.full((1, 1, 2, 2), 0.25), torch.full((1, 1, 2, 2), -2.0)
+    for t in (0, 37, 99, 150, 199):
+        denom = sigma[t] ** 2 + sigma_bar[t] ** 2
+        mean = sigma_bar[t] ** 2 / denom * 0.25 + sigma[t] ** 2 / denom * -2.0
+        std = np.sqrt(sigma[t] ** 2 * sigma_bar[t] ** 2 / denom)
+        got = bridge.posterior_sample(x0, x1, t, None)
+        np.testing.assert_allclose(got.numpy(), mean, rtol=1e-5)
+        noisy = bridge.posterior_sample(x0, x1, t, torch.ones_like(x0))
+        np.testing.assert_allclose((noisy - got).numpy(), std, rtol=1e-4)
+    for prev, t in ((0, 10), (37, 99), (120, 199)):
+        delta2 = sigma[t] ** 2 - sigma[prev] ** 2  # std_delta^2
+        denom = sigma[prev] ** 2 + delta2
+        mu, mu_bar = bridge.step_coefficients(prev, t)
+        assert mu == pytest.approx(delta2 / denom, rel=1e-5)
+        assert mu_bar == pytest.approx(sigma[prev] ** 2 / denom, rel=1e-5)
+
+
+@pytest.mark.parametrize("area", [0.1, 0.3, 0.55])
+def test_rcsb_region_area_is_the_requested_fraction_and_comes_from_the_predicted_class(area):
+    """Cells of 4 px on 16 px images: 16 cells; the region holds floor(area x 16) of them (at least one), and
+    it is the same whatever the target (it explains the predicted class, not the target)."""
+    model, x = tiny_classifier(), images(3, seed=13)
+    method = build("rcsb", area=area)
+    noise = torch.randn(3, 2, *x.shape[1:], generator=torch.Generator().manual_seed(4))
+    region = method.region(model, x, noise)
+    expected_cells = max(1, math.floor(area * 16 + 1e-9))
+    for r in region:
+        assert float(r.mean()) == pytest.approx(expected_cells / 16)
+        assert float(r.mean()) <= area or expected_cells == 1
+    again = build("rcsb", area=area).explain_batch(
+        model, x, [1, 2, 3], generator=torch.Generator().manual_seed(5)
+    )
+    other = build("rcsb", area=area).explain_batch(
+        model, x, [2, 3, 1], generator=torch.Generator().manual_seed(5)
+    )
+    for a, b in zip(again, other, strict=True):
+        np.testing.assert_array_equal(a.query_mask, b.query_mask)
+
+
+def test_rcsb_region_is_smoothgrad_of_ig_of_the_predicted_class():
+    """Against a plain loop: IG by midpoint sums over noisy copies, |.| summed per 4 px cell, top cells."""
+    from explain.methods.rcsb import smoothgrad_ig
+
+    model, x = tiny_classifier(), images(2, seed=14)
+    noise = torch.randn(3, 2, *x.shape[1:], generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        predicted = model.g(model.f(x)).argmax(-1)
+    expected = torch.zeros_like(x)
+    for k in range(3):
+        for i in range(2):
+            copy = x[i : i + 1] + 0.15 * (x[i].max() - x[i].min()) * noise[k, i : i + 1]
+            grads = torch.zeros_like(copy)
+            for step in range(5):
+                point = ((step + 0.5) / 5 * copy).requires_grad_(True)
+                (g,) = torch.autograd.grad(model.g(model.f(point))[0, predicted[i]], point)
+                grads += g
+            expected[i] += (copy * grads / 5)[0] / 3
+    got = smoothgrad_ig(model, x, predicted, 5, noise, 0.15)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_per_item_generators_give_each_item_its_one_by_one_result(name):
+    """The precompute's per-unit seeds: item i of a batch draws from generators[i], so it equals item i
+    explained alone with that generator (up to the rounding of batched convolutions)."""
+    model, method, x = tiny_classifier(), build(name), images(3, seed=8)
+    targets, seeds = targets_for(name, 3), [101, 202, 303]
+    batched = method.explain_batch(
+        model, x, targets, generators=[torch.Generator().manual_seed(s) for s in seeds], batch_size=3
+    )
+    for i, b in enumerate(batched):
+        alone = method.explain(
+            model, x[i : i + 1], targets[i], None, generator=torch.Generator().manual_seed(seeds[i])
+        )
+        np.testing.assert_allclose(b.image, alone.image, atol=1e-4, rtol=0)
+        assert b.flipped == alone.flipped and b.timings.get("nfe_classifier") == alone.timings.get(
+            "nfe_classifier"
+        )
+        assert np.mean(b.query_mask != alone.query_mask) < 0.01
+    if name in STOCHASTIC:  # the seeds are really used: one shared generator gives other draws
+        shared = method.explain_batch(model, x, targets, generator=torch.Generator().manual_seed(101))
+        assert not np.allclose(shared[1].image, batched[1].image, atol=1e-3)
+    with pytest.raises(ValueError, match="one per query"):
+        method.explain_batch(model, x, targets, generators=[torch.Generator()])
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_each_batched_item_gets_exactly_the_noise_it_gets_alone(name, monkeypatch):
+    """What holds exactly whatever the rounding: item i of a batch receives, bit for bit, the draws it
+    receives explained alone with generators[i] (SLC's and RCSB's Adam steps can turn batched rounding into
+    visibly different images, so their batched images equal the one-by-one ones only approximately)."""
+    model, method, x = tiny_classifier(), build(name), images(3, seed=9)
+    targets, seeds = targets_for(name, 3), [11, 22, 33]
+    seen = []
+    generate = type(method)._generate
+
+    def capturing(self, model, x, y, noise):
+        seen.append({k: v.clone() for k, v in noise.items()})
+        return generate(self, model, x, y, noise)
+
+    monkeypatch.setattr(type(method), "_generate", capturing)
+    method.explain_batch(model, x, targets, generators=[torch.Generator().manual_seed(s) for s in seeds])
+    for i in range(3):
+        method.explain(
+            model, x[i : i + 1], targets[i], None, generator=torch.Generator().manual_seed(seeds[i])
+        )
+    batched, alone = seen[0], seen[1:]
+    assert batched  # the method draws noise
+    for i in range(3):
+        for key, value in batched.items():
+            assert torch.equal(value[i : i + 1], alone[i][key]), (name, key, i)

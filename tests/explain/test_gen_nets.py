@@ -25,6 +25,7 @@ from .gen_fixtures import (
     images,
     one_thread,  # noqa: F401 (autouse fixture)
     tiny_classifier,
+    tiny_maps,
     tiny_vae,
 )
 
@@ -80,6 +81,29 @@ def test_denoiser_round_trip(tmp_path):
         train_denoiser(z, labels + 1, tmp_path / "bad", 1, num_classes=4, config=cfg)
 
 
+def test_the_denoiser_saves_the_moving_average_of_its_weights(tmp_path):
+    """Decay 0 averages nothing (the last weights, as without averaging); decay 0.9 keeps a blend of the
+    earlier steps' weights, so it saves other weights from the same seeded run."""
+    z, labels = torch.randn(10, 4, 8, 8), torch.arange(10) % 4
+    cfg = denoiser_config(4, 4, 8, (16, 32), norm_num_groups=8)
+
+    def saved(name: str, ema_decay: float | None) -> dict[str, torch.Tensor]:
+        train_denoiser(
+            z, labels, tmp_path / name, 3, num_classes=4, batch_size=5, config=cfg, ema_decay=ema_decay,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        return load_denoiser(tmp_path / name).unet.state_dict()
+
+    last, zero, averaged = saved("last", None), saved("zero", 0.0), saved("ema", 0.9)
+    for key, value in last.items():
+        torch.testing.assert_close(zero[key], value)
+    assert any(not torch.allclose(averaged[k], v) for k, v in last.items())
+    record = json.loads((tmp_path / "ema" / "training.json").read_text())
+    assert record["hyperparameters"]["ema_decay"] == 0.9
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        train_denoiser(z, labels, tmp_path / "bad", 1, num_classes=4, config=cfg, ema_decay=1.0)
+
+
 def test_bridge_round_trip(tmp_path):
     x, progress = images(8), Progress()
     cfg = bridge_config(1, SIZE, (8, 16), norm_num_groups=8)
@@ -120,6 +144,8 @@ def test_c3lt_maps_round_trip(tmp_path):
     maps = train_c3lt_maps(vae, model, x[:4], x[4:], 0, 1, tmp_path, 2, batch_size=2, progress=progress)
     assert [p.requires_grad for p in model.f.parameters()] == flags  # the classifier is left as it was
     check_record(tmp_path, "c3lt_maps", 2, progress)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert set(record["parts_last_10pct"]) == {"cls", "prx", "prx_l1", "cyc", "adv"}  # Eq. (11)'s terms
     loaded = load_c3lt_maps(tmp_path)
     assert (loaded.class_a, loaded.class_b, loaded.n) == (0, 1, 1)
     z = torch.randn(2, 4, 8, 8)
@@ -147,3 +173,127 @@ def test_training_refuses_bad_inputs(tmp_path):
         train_bridge(torch.rand(3, 16, 16), tmp_path, 1)
     with pytest.raises(ValueError, match="both 2"):
         train_c3lt_maps(tiny_vae(), tiny_classifier(), images(2), images(2), 2, 2, tmp_path, 1)
+
+
+def test_an_autoencoder_states_its_range_and_channels_and_images_are_converted(tmp_path):
+    """A Stable Diffusion-like VAE (3 channels, [-1, 1]) gets grey [0, 1] images repeated and rescaled, and
+    gives them back in [0, 1] as grey (the channel mean); one that does not state its range is refused."""
+    from explain.nets.autoencoder import new_autoencoder
+
+    torch.manual_seed(0)
+    cfg = autoencoder_config(in_channels=3, block_out_channels=(8, 16), norm_num_groups=8, sample_size=SIZE)
+    sd_like = new_autoencoder({**cfg, "image_range": [-1.0, 1.0]}).eval()
+    x = images(3)  # (3, 1, SIZE, SIZE) in [0, 1]
+    with torch.no_grad():
+        z = encode(sd_like, x)
+        expected_z = sd_like.encode(x.repeat(1, 3, 1, 1) * 2 - 1).latent_dist.mean
+        torch.testing.assert_close(z, expected_z * sd_like.config.scaling_factor)
+        raw = sd_like.decode(z / sd_like.config.scaling_factor).sample
+        torch.testing.assert_close(decode(sd_like, z, 1), ((raw + 1) / 2).mean(1, keepdim=True))
+        assert decode(sd_like, z).shape[1] == 3
+    cfg_grey = autoencoder_config(block_out_channels=(8, 16), norm_num_groups=8, sample_size=SIZE)
+    grey = new_autoencoder(cfg_grey)
+    with pytest.raises(ValueError, match="1-channel images but these have 3"):
+        encode(grey, x.repeat(1, 3, 1, 1))
+    sd_like.save_pretrained(tmp_path / "sd")
+    config_path = tmp_path / "sd" / "config.json"
+    stated = json.loads(config_path.read_text())
+    assert stated["image_range"] == [-1.0, 1.0]
+    del stated["image_range"]
+    config_path.write_text(json.dumps(stated))
+    with pytest.raises(ValueError, match=r'add "image_range": \[-1.0, 1.0\]'):
+        load_autoencoder(tmp_path / "sd")
+    assert load_autoencoder(tmp_path / "sd", image_range=[-1, 1]).config.image_range == [-1.0, 1.0]
+    with pytest.raises(ValueError, match="image_range"):
+        new_autoencoder({k: v for k, v in cfg.items() if k != "image_range"})
+
+
+def test_matryoshka_loss_averages_the_nested_prefix_reconstructions():
+    from explain.nets.sae import SparseAutoencoder, matryoshka_reconstruction
+
+    torch.manual_seed(0)
+    sae, x = SparseAutoencoder(d_in=8, expansion=4), torch.rand(10, 8)
+    a = sae.h_enc(x)
+    expected = []
+    for m in (2, 4, 8, 16, 32):  # 1/16 .. 1 of 32 latents: zero the rest, decode with h_dec
+        kept = torch.cat([a[:, :m], torch.zeros_like(a[:, m:])], dim=1)
+        expected.append(((sae.h_dec(kept) - x) ** 2).sum(-1).mean())
+    got = matryoshka_reconstruction(sae, a, x, (0.0625, 0.125, 0.25, 0.5, 1.0))
+    torch.testing.assert_close(got, torch.stack(expected).mean())
+    with pytest.raises(ValueError, match="prefixes"):
+        train_sae(x, "unused", 1, batch_size=4, prefixes=(0.5, 0.25, 1.0))
+
+
+def test_a_matryoshka_sae_reconstructs_from_its_first_latents_better_than_a_plain_one(tmp_path):
+    """The nested objective is what trains the first latents to carry the coarse structure on their own."""
+    from explain.nets.sae import matryoshka_reconstruction
+
+    g = torch.Generator().manual_seed(1)
+    features = torch.rand(256, 4, generator=g) @ torch.randn(4, 8, generator=g)  # rank-4 data
+    errors = {}
+    for name, prefixes in (("plain", (1.0,)), ("matryoshka", (0.0625, 0.125, 0.25, 0.5, 1.0))):
+        sae = train_sae(features, tmp_path / name, 300, batch_size=64, lr=1e-2, prefixes=prefixes)
+        with torch.no_grad():
+            errors[name] = float(matryoshka_reconstruction(sae, sae.h_enc(features), features, (0.125,)))
+    assert errors["matryoshka"] < 0.7 * errors["plain"], errors
+
+
+def test_c3lt_cycle_term_includes_every_layer_it_claims():
+    """Eq. (6) by hand: the L1 of f's outputs after every activation and at its end (the tiny f: ReLU at 1,
+    its last child at 4), plus the pixel and latent terms; l_cyc equals it."""
+    from explain.nets.c3lt_maps import c3lt_loss, cycle_layers
+    from explain.nets.discriminator import Discriminator
+
+    vae, model, x = tiny_vae(), tiny_classifier(), images(3)
+    layers = cycle_layers(model.f)
+    relus = [i for i, m in enumerate(model.f) if isinstance(m, torch.nn.ReLU)]
+    assert layers == sorted({*relus, len(model.f) - 1}) and len(layers) >= 2
+    maps = tiny_maps()
+    with torch.no_grad():
+        _, parts, _, x_cyc = c3lt_loss(
+            x, 1, maps.g, maps.h, vae, model, Discriminator(in_channels=1), n=1, alpha=0.1, beta=0.1, gamma=0
+        )
+        z_x = encode(vae, x)
+        z_cyc = maps.h(maps.g(z_x))
+        expected = 2 * (x_cyc - x).abs().mean() + (z_x - z_cyc).abs().mean()  # pixels on [-1, 1]
+        a, b = x_cyc, x
+        for i, child in enumerate(model.f):
+            a, b = child(a), child(b)
+            if i in layers:
+                expected = expected + (a - b).abs().mean()
+    assert parts["cyc"] == pytest.approx(float(expected), rel=1e-5)
+    assert cycle_layers(torch.nn.Identity()) == [-1]
+
+
+def test_c3lt_proximity_l1_is_measured_on_the_papers_image_scale():
+    """Eq. (5)'s L1 on the paper's [-1, 1] images: 2 |x - x'| of our [0, 1] images (the release normalises
+    with mean 0.5, std 0.5), whatever the images."""
+    from explain.nets.c3lt_maps import c3lt_loss
+    from explain.nets.discriminator import Discriminator
+
+    vae, model, x, maps = tiny_vae(), tiny_classifier(), images(3), tiny_maps()
+    with torch.no_grad():
+        _, parts, x_prime, _ = c3lt_loss(
+            x, 1, maps.g, maps.h, vae, model, Discriminator(in_channels=1), n=1, alpha=0.1, beta=0.1, gamma=0
+        )
+    on_paper_scale = ((2 * x - 1) - (2 * x_prime - 1)).abs().mean()
+    assert float(on_paper_scale) > 0.01
+    assert parts["prx_l1"] == pytest.approx(float(on_paper_scale), rel=1e-5)
+
+
+def test_c3lt_trained_on_a_toy_pair_cycles_back_near_the_start(tmp_path):
+    """Trained on a toy pair (dark and bright images), h(g(z)) returns near z: its error is a small fraction
+    of what the same training gives without the cycle term (beta = 0)."""
+    vae, model = tiny_vae(), tiny_classifier()
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(32, 1, SIZE, SIZE, generator=g) * 0.3
+    b = 0.7 + torch.rand(32, 1, SIZE, SIZE, generator=g) * 0.3
+    errors = {}
+    for beta in (1.0, 0.0):
+        maps = train_c3lt_maps(
+            vae, model, a, b, 0, 1, tmp_path / str(beta), 50, batch_size=8, beta=beta, lr=1e-2
+        )
+        with torch.no_grad():
+            z = encode(vae, a[:8])
+            errors[beta] = float((maps.h(maps.g(z)) - z).abs().mean())
+    assert errors[1.0] < 0.1 * errors[0.0], errors

@@ -11,7 +11,7 @@ import torch
 
 from explain.methods.cve import CVE
 from explain.methods.semantic import SemanticCounterfactual
-from explain.metrics import cell_parts, keypoint_metrics
+from explain.stimuli.metrics import cell_parts, keypoint_metrics
 from tests.explain.cell_models import single_thread  # noqa: F401 (an autouse fixture)
 from tests.explain.drawn_birds import PartCells, bird_classifier, drawn_birds
 

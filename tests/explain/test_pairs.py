@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from explain.pairs import confusion_rates, most_confused_pairs, nearest_by_attributes, top_k_confused_pairs
+from explain.stimuli.pairs import (
+    confusion_rates,
+    most_confused_pairs,
+    nearest_by_attributes,
+    top_k_confused_pairs,
+)
 
 # Rows: true class; columns: predicted. Class 0 is mostly mistaken for 2, class 1 for 0, class 2 for 0,
 # class 3 never.

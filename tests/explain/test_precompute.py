@@ -10,12 +10,13 @@ from django.core.exceptions import ValidationError
 from django.core.files.storage import default_storage
 from django.db.models import Q
 
-from explain import precompute, runtime
-from explain.models import Backbone, Explanation, PrecomputePlan, WorkUnit
-from explain.precompute import MethodNeeds, study_precompute, work_unit_retry, work_unit_run
+from explain import precompute
+from explain.methods.declaration import AUXILIARY, Variant
+from explain.models import Explanation, PrecomputePlan, WorkUnit
+from explain.precompute import study_precompute, work_unit_retry, work_unit_run, worker
 from studies.models import Condition, Study
 from studies.services import class_pair_add, condition_add, study_create
-from tests.explain.precompute_helpers import fashion_slice, trained_checkpoint
+from tests.explain.precompute_helpers import fashion_slice, redeclare, trained_checkpoint
 
 pytestmark = pytest.mark.django_db
 
@@ -36,7 +37,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def study(checkpoint):
-    runtime.cache_clear()
+    worker.cache_clear()
     dataset, classifier, coat, pullover = fashion_slice(name="slice", per_class=12, checkpoint=checkpoint)
     study = study_create(
         title="coats", dataset=dataset, classifier=classifier, methods=["cve"], n_learning=2, seed=7
@@ -66,7 +67,7 @@ def test_plan_is_stored_with_a_unit_per_candidate_and_planning_twice_creates_not
     plan = study_precompute(study=study, semantic_pool=2)
 
     random_c = study.conditions.get(setup="random")
-    semantic_c = study.conditions.get(setup="semantic")
+    semantic_c = study.conditions.get(setup="consistent")
     units = WorkUnit.objects.filter(plan=plan)
     assert units.filter(condition=random_c).count() == 2  # n_learning
     assert units.filter(condition=semantic_c).count() == 4  # n_learning x pool
@@ -134,7 +135,7 @@ def test_semantic_setup_keeps_the_best_scoring_candidates_and_deletes_the_rest(s
     plan = study_precompute(study=study, semantic_pool=3)
     run_queued(plan)
 
-    semantic = study.conditions.get(setup="semantic")
+    semantic = study.conditions.get(setup="consistent")
     units = WorkUnit.objects.filter(plan=plan, condition=semantic)
     done = units.filter(status=WorkUnit.Status.DONE)
     discarded = units.filter(status=WorkUnit.Status.DISCARDED)
@@ -146,9 +147,14 @@ def test_semantic_setup_keeps_the_best_scoring_candidates_and_deletes_the_rest(s
     assert "proxy" in done.first().outcome["selection_score_source"]
 
 
-def test_an_unexplainable_pair_is_replaced_by_the_next_candidate_and_the_study_says_how_often(study):
-    study.conditions.filter(setup="semantic").delete()
-    plan = study_precompute(study=study, method_config={"cve": {"max_edits": 0}})  # nothing can flip
+def test_an_unexplainable_pair_is_replaced_by_the_next_candidate_and_the_study_says_how_often(
+    study, monkeypatch
+):
+    no_edits = Variant("cve-no-edits", {"max_edits": 0}, "nothing can flip")
+    redeclare(monkeypatch, "cve", variants=(no_edits,))
+    study.conditions.update(method="cve-no-edits")
+    study.conditions.filter(setup="consistent").delete()
+    plan = study_precompute(study=study)
     run_queued(plan)
 
     units = WorkUnit.objects.filter(plan=plan).order_by("candidate")
@@ -162,17 +168,17 @@ def test_an_unexplainable_pair_is_replaced_by_the_next_candidate_and_the_study_s
     assert "no candidate is left" in units.last().outcome["reason"]
     study.refresh_from_db()
     assert study.status == Study.Status.PRECOMPUTING  # never ready without its stimuli
-    from explain.selectors import plan_progress
+    from explain.precompute import plan_progress
 
     progress = plan_progress(study=study)
-    assert progress["replacements"] == {"cve": len(stream)}
+    assert progress["replacements"] == {"cve-no-edits": len(stream)}
 
 
 def test_a_failed_unit_keeps_its_error_and_can_be_retried(study, checkpoint):
     classifier = study.classifier
     classifier.checkpoint_path = "/nonexistent/cnn.pt"
     classifier.save()
-    study.conditions.filter(setup="semantic").delete()
+    study.conditions.filter(setup="consistent").delete()
     plan = study_precompute(study=study)
     run_queued(plan)
 
@@ -193,7 +199,7 @@ def test_a_failed_unit_keeps_its_error_and_can_be_retried(study, checkpoint):
 
 
 def test_a_redelivered_unit_does_nothing_twice_and_a_unit_that_kills_its_worker_fails(study):
-    study.conditions.filter(setup="semantic").delete()
+    study.conditions.filter(setup="consistent").delete()
     plan = study_precompute(study=study)
     unit = WorkUnit.objects.filter(plan=plan).first()
     # A worker died mid-task: the unit is left running; the redelivered task runs it again.
@@ -214,8 +220,8 @@ def test_a_redelivered_unit_does_nothing_twice_and_a_unit_that_kills_its_worker_
 
 
 def test_a_method_waits_for_its_auxiliary_model_trained_once_per_dataset(study, monkeypatch):
-    monkeypatch.setitem(precompute.METHOD_NEEDS, "cve", MethodNeeds(backbones=(Backbone.Kind.AUXILIARY,)))
-    study.conditions.filter(setup="semantic").delete()
+    redeclare(monkeypatch, "cve", aux=AUXILIARY)
+    study.conditions.filter(setup="consistent").delete()
     plan = study_precompute(
         study=study, backbone_params={"auxiliary": {"epochs": 1, "batch_size": 8, "width": 4, "dim": 8}}
     )
@@ -231,7 +237,7 @@ def test_a_method_waits_for_its_auxiliary_model_trained_once_per_dataset(study, 
     model_unit.refresh_from_db()
     backbone = model_unit.backbone
     assert model_unit.status == WorkUnit.Status.DONE and backbone.kind == "auxiliary"
-    assert backbone.provenance["epochs"] == 1 and backbone.provenance["batch_size"] == 8
+    assert backbone.provenance["params"]["epochs"] == 1 and backbone.provenance["params"]["batch_size"] == 8
     study.refresh_from_db()
     assert study.status == Study.Status.READY
     explanation = Explanation.objects.filter(study=study).first()
@@ -248,6 +254,29 @@ def test_a_method_waits_for_its_auxiliary_model_trained_once_per_dataset(study, 
     assert all(u.needs == [] for u in WorkUnit.objects.filter(plan=second_plan))
 
 
+def test_units_start_as_soon_as_the_models_they_need_are_ready(study, monkeypatch):
+    """The first explanations start when their own model is trained, not when every model of the plan is."""
+    redeclare(monkeypatch, "cve", aux=AUXILIARY)
+    study.conditions.filter(setup="consistent").delete()
+    condition_add(study=study, method="c3lt", setup="random")  # waits for the autoencoder and the pair's maps
+    plan = study_precompute(
+        study=study, backbone_params={"auxiliary": {"epochs": 1, "batch_size": 8, "width": 4, "dim": 8}}
+    )
+
+    def statuses(method: str) -> set[str]:
+        return set(plan.units.filter(condition__method=method).values_list("status", flat=True))
+
+    assert statuses("cve") == statuses("c3lt") == {WorkUnit.Status.PENDING}
+    auxiliary = WorkUnit.objects.get(kind=WorkUnit.Kind.BACKBONE, backbone_kind="auxiliary")
+    autoencoder = WorkUnit.objects.get(kind=WorkUnit.Kind.BACKBONE, backbone_kind="autoencoder")
+
+    assert work_unit_run(unit_id=auxiliary.pk).status == WorkUnit.Status.DONE
+    assert statuses("cve") == {WorkUnit.Status.QUEUED}  # sent to the workers now
+    assert statuses("c3lt") == {WorkUnit.Status.PENDING}  # still waiting for its models
+    autoencoder.refresh_from_db()
+    assert autoencoder.status == WorkUnit.Status.QUEUED  # not trained yet
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -257,6 +286,9 @@ def test_a_method_waits_for_its_auxiliary_model_trained_once_per_dataset(study, 
         ("too_few_images", "candidate image pairs in the training split"),
         ("bad_config", "not a method of this study"),
         ("bad_pool", "semantic_pool is 0"),
+        ("departs", r"depart from the paper's defaults: max_edits \(None -> 3\)\. Name a variant"),
+        ("unknown_setting", "sets max_steps, which explain.methods.cve:CVE does not take"),
+        ("variant_departs", r"depart from variant 'ldce-cls-cpu-tiny'.*: lambda_c \(2\.3 -> 5\.0\)"),
     ],
 )
 def test_planning_refuses_what_it_cannot_do_and_names_the_problem(study, change, message):
@@ -273,15 +305,43 @@ def test_planning_refuses_what_it_cannot_do_and_names_the_problem(study, change,
         kwargs["method_config"] = {"scout": {}}
     elif change == "bad_pool":
         kwargs["semantic_pool"] = 0
+    elif change == "departs":
+        kwargs["method_config"] = {"cve": {"max_edits": 3, "chunk_size": 8}}  # chunk_size is no departure
+    elif change == "unknown_setting":
+        kwargs["method_config"] = {"cve": {"max_steps": 3}}
+    elif change == "variant_departs":
+        study.conditions.update(method="ldce-cls-cpu-tiny")
+        kwargs["method_config"] = {"ldce-cls-cpu-tiny": {"lambda_c": 5.0, "consensus": False}}
     with pytest.raises(ValidationError, match=message):
         study_precompute(study=study, **kwargs)
     assert not WorkUnit.objects.exists()
 
 
+def test_a_variant_is_planned_and_its_results_say_how_it_departs_from_the_paper(study, monkeypatch):
+    few = Variant("cve-few-edits", {"max_edits": 4}, "at most four edits, to test")
+    redeclare(monkeypatch, "cve", variants=(few,))
+    study.conditions.filter(setup="consistent").delete()
+    study.conditions.update(method="cve-few-edits")
+    plan = study_precompute(study=study, method_config={"cve-few-edits": {"max_edits": 4, "chunk_size": 64}})
+    run_queued(plan)
+
+    explanation = Explanation.objects.filter(study=study).first()
+    assert (
+        explanation.config["method"] == "cve-few-edits" and explanation.config["variant"] == "cve-few-edits"
+    )
+    assert explanation.config["declared_method"] == "cve" and explanation.config["max_edits"] == 4
+    assert explanation.config["chunk_size"] == 64
+    assert explanation.config["departures"] == {"max_edits": {"default": None, "value": 4}}
+    from explain.precompute import plan_progress
+
+    row = plan_progress(study=study)["conditions"][0]
+    assert row["variant"] == few and row["departures"] == explanation.config["departures"]
+
+
 def test_a_condition_added_later_is_planned_on_the_next_run(study):
-    study.conditions.filter(setup="semantic").delete()
+    study.conditions.filter(setup="consistent").delete()
     plan = study_precompute(study=study)
     assert WorkUnit.objects.filter(plan=plan).count() == 2
-    condition_add(study=study, method="cve", setup=Condition.Setup.SEMANTIC)
+    condition_add(study=study, method="cve", setup=Condition.Setup.CONSISTENT)
     study_precompute(study=study, semantic_pool=2)
     assert WorkUnit.objects.filter(plan=plan).count() == 2 + 4

@@ -33,7 +33,7 @@ def study():
         ImageFactory.create_batch(6, class_label=label, split="train")
     ClassPairFactory(study=study, class_a=coat, class_b=shirt)
     ConditionFactory(study=study, method="cve", setup="random")
-    ConditionFactory(study=study, method="cve", setup="semantic")
+    ConditionFactory(study=study, method="cve", setup="consistent")
     return study
 
 
@@ -55,8 +55,8 @@ def test_progress_page_counts_units_per_method_and_setup_and_polls_while_running
     assert 'hx-trigger="every 2s"' in html and "htmx-2.min.js" in html and "X-CSRFToken" in html
     row_random = html.split('<td class="text">random')[1].split("</tr>")[0]
     assert "1 / 2" in row_random and "50%" in row_random  # finished / total
-    row_semantic = html.split('<td class="text">semantic')[1].split("</tr>")[0]
-    assert "0 / 4" in row_semantic
+    row_consistent = html.split('<td class="text">consistent')[1].split("</tr>")[0]
+    assert "0 / 4" in row_consistent
     assert "per minute" in html and "s left" in html
 
     partial = researcher_client.get(progress_url(study), HTTP_HX_REQUEST="true")
@@ -102,7 +102,7 @@ def test_start_button_plans_or_says_why_not(researcher_client, study):
 
 
 def test_gallery_shows_the_stimuli_of_one_condition_and_serves_them(researcher_client, study):
-    random_c, semantic_c = study.conditions.get(setup="random"), study.conditions.get(setup="semantic")
+    random_c, semantic_c = study.conditions.get(setup="random"), study.conditions.get(setup="consistent")
     pair = study.pairs.get()
     shown = ExplanationFactory.create_batch(
         2, study=study, pair=pair, condition=random_c, metrics={"n_edits": 3}

@@ -51,7 +51,7 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
 
 
 def test_a_study_is_precomputed_end_to_end_by_a_real_worker(transactional_db, checkpoint, tmp_path):
-    study = make_study(checkpoint, name="e2e", setups=("random", "semantic"), n_learning=2)
+    study = make_study(checkpoint, name="e2e", setups=("random", "consistent"), n_learning=2)
     queue = f"test-explain-{uuid.uuid4().hex[:8]}"
     worker = Worker(queue, tmp_path / "worker.log")
     worker.start()
@@ -63,7 +63,7 @@ def test_a_study_is_precomputed_end_to_end_by_a_real_worker(transactional_db, ch
         worker.stop()
     plan = study.precompute_plan
     assert re.search(r"cve / random\s+stimuli 2/2", out.getvalue())
-    assert re.search(r"cve / semantic\s+stimuli 2/2", out.getvalue())
+    assert re.search(r"cve / consistent\s+stimuli 2/2", out.getvalue())
     assert "study is ready" in out.getvalue()
     study.refresh_from_db()
     assert study.status == Study.Status.READY

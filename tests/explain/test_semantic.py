@@ -239,3 +239,34 @@ def test_region_masks_show_the_first_edit_or_all_edits():
     np.testing.assert_array_equal(query_all, result.query_mask)
     assert distractor_all == first.distractor
     np.testing.assert_array_equal(taken_all, result.distractor_masks[first.distractor])
+
+
+class ZeroAux(torch.nn.Module):
+    """u with all-zero cells: every cosine is 0, so the prefilter and Eq. 3 tie on every pair."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 5, *x.shape[-2:])
+
+
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("seed", [80, 81, *FRESH[:1]])
+def test_exact_ties_in_aux_and_cells_break_by_the_shared_rule(kind, seed):
+    """All-zero auxiliary features and duplicated distractor cells: the prefilter keeps the lowest pairs and
+    the search the lowest (i, J) among equal scores, exactly as the reference loop (the CVE tie rule)."""
+    grid = (3, 3)
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(4, 8, generator=generator) * 3
+    cells = vectors[torch.randint(0, 4, (3 * 9,), generator=generator)]  # query + 2 distractors, repeated
+    x = cells.reshape(3, 9, 8).permute(0, 2, 1).reshape(3, 8, *grid)
+    model = SplitClassifier(f=torch.nn.Identity(), g=tiny_model(seed, kind, grid).g)
+    target = a_target(model, x[:1], x[1:2])
+    for topk in (None, 0.5):
+        result = SemanticCounterfactual(topk=topk, num_distractors=None).explain(
+            model, x[:1], target, x[1:], aux=ZeroAux()
+        )
+        edits, scores, flipped = reference_semantic(
+            model, ZeroAux(), x[:1], target, x[1:], lambda_=0.4, tau=0.1, topk=topk
+        )
+        assert result.edits == edits, (seed, topk)
+        assert result.scores == pytest.approx(scores, rel=1e-5, abs=1e-5)
+        assert result.flipped == flipped

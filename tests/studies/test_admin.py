@@ -4,7 +4,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.urls import reverse
 
-from studies.models import ClassPair, Condition, Study
+from studies.models import Assignment, ClassPair, Condition, Study
 from tests.factories import (
     ClassifierFactory,
     ClassLabelFactory,
@@ -14,6 +14,8 @@ from tests.factories import (
     ExplanationFactory,
     StudyFactory,
 )
+from tests.studies.builders import live_study
+from tests.studies.walk import ClientRater
 
 pytestmark = pytest.mark.django_db
 
@@ -46,14 +48,18 @@ def study_form(dataset, classifier, pairs, conditions, **overrides) -> dict:
         "label_a": "class A",
         "label_b": "class B",
         "blur_sigma": 8,
+        "stimulus_region": "first-edit",
         "design": "between",
         "pairs_per_assignment": "",
         "seed": 7,
+        "catch_trials_per_pair": 0,
+        "min_rt_ms": 200,
+        "exclusion_rules": "{}",
         "completion_code": "",
         "prolific_completion_code": "",
         "mturk_sandbox": "on",
         **inline("pairs", [{"class_a": a.pk, "class_b": b.pk, "mined_by": "manual"} for a, b in pairs]),
-        **inline("conditions", [{"method": m, "setup": s} for m, s in conditions]),
+        "conditions_grid": [f"{m}|{s}" for m, s in conditions],
     }
     data.update(overrides)
     return data
@@ -78,7 +84,7 @@ def errors_of(response) -> str:
 def test_researcher_creates_a_study_with_pairs_and_conditions(researcher_client, garments):
     dataset, classifier, (shirt, coat, bag) = garments
     data = study_form(
-        dataset, classifier, [(shirt, coat), (bag, coat)], [("cve", "random"), ("cve", "semantic")]
+        dataset, classifier, [(shirt, coat), (bag, coat)], [("cve", "random"), ("cve", "consistent")]
     )
     response = researcher_client.post(ADD_URL, data)
     assert response.status_code == 302, response.content.decode()[:3000]
@@ -88,7 +94,7 @@ def test_researcher_creates_a_study_with_pairs_and_conditions(researcher_client,
         ("Shirt", "Coat"),
         ("Bag", "Coat"),
     }
-    assert set(study.conditions.values_list("method", "setup")) == {("cve", "random"), ("cve", "semantic")}
+    assert set(study.conditions.values_list("method", "setup")) == {("cve", "random"), ("cve", "consistent")}
 
 
 def test_changelist_shows_status_and_counts(researcher_client):
@@ -132,7 +138,7 @@ def test_unregistered_method_is_refused(researcher_client, garments):
     dataset, classifier, (shirt, coat, _) = garments
     data = study_form(dataset, classifier, [(shirt, coat)], [("deep-magic", "random")])
     page = errors_of(researcher_client.post(ADD_URL, data))
-    assert "No counterfactual method is registered as &#x27;deep-magic&#x27;" in page
+    assert "No counterfactual method is registered for the condition deep-magic|random" in page
     assert not Condition.objects.exists()
 
 
@@ -145,34 +151,37 @@ def test_classifier_of_another_dataset_is_refused(researcher_client, garments):
 
 def live_study_with_form(garments):
     dataset, classifier, (shirt, coat, _) = garments
-    study = StudyFactory(
-        dataset=dataset, classifier=classifier, status=Study.Status.LIVE, title="Live one", seed=7
-    )
+    study = StudyFactory(dataset=dataset, classifier=classifier, title="Live one", seed=7)
     pair = ClassPairFactory(study=study, class_a=shirt, class_b=coat)
-    condition = ConditionFactory(study=study, method="cve", setup="random")
-    data = study_form(dataset, classifier, [], [], title="Live one")
+    ConditionFactory(study=study, method="cve", setup="random")
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.LIVE)
+    study.refresh_from_db()
+    data = study_form(dataset, classifier, [], [("cve", "random")], title="Live one")
     data.update(
         inline("pairs", [{"id": pair.pk, "class_a": shirt.pk, "class_b": coat.pk, "mined_by": "manual"}], 1)
     )
-    data.update(inline("conditions", [{"id": condition.pk, "method": "cve", "setup": "random"}], 1))
     return study, data
 
 
-def test_editing_a_live_study_is_refused_with_the_reason(researcher_client, garments):
+def test_a_live_study_shows_its_design_read_only_and_ignores_edits(researcher_client, garments):
     study, data = live_study_with_form(garments)
     url = reverse("admin:studies_study_change", args=[study.pk])
-    page = errors_of(researcher_client.post(url, {**data, "n_test": 5}))
-    assert "is live (version 1): its design is frozen" in page and "n_test" in page
+    page = researcher_client.get(url).content.decode()
+    assert "is live (version 1): its design is frozen" in page
+    assert 'name="n_test"' not in page and 'name="title"' in page  # design read-only, title editable
+    response = researcher_client.post(url, {**data, "n_test": 5, "conditions_grid": ["cve|consistent"]})
+    assert response.status_code == 302  # a valid post: the edits were ignored, not refused as malformed
     study.refresh_from_db()
     assert study.n_test == 10
+    assert list(study.conditions.values_list("method", "setup")) == [("cve", "random")]
 
 
 def test_deleting_a_pair_of_a_live_study_is_refused(researcher_client, garments):
     study, data = live_study_with_form(garments)
     url = reverse("admin:studies_study_change", args=[study.pk])
-    page = errors_of(researcher_client.post(url, {**data, "pairs-0-DELETE": "on"}))
-    assert "its design is frozen" in page
+    researcher_client.post(url, {**data, "pairs-0-DELETE": "on"})
     assert study.pairs.count() == 1
+    assert 'name="pairs-0-DELETE"' not in researcher_client.get(url).content.decode()
 
 
 def test_unchanged_save_of_a_live_study_is_accepted(researcher_client, garments):
@@ -220,3 +229,23 @@ def test_admin_is_for_researchers_only(client, staff):
 def test_anonymous_visitor_is_sent_to_login(client):
     response = client.get(reverse("admin:studies_study_changelist"))
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_consent_versions_are_listed_read_only_with_how_many_agreed_and_an_assignment_names_its_own(
+    researcher_client,
+):
+    study = live_study(n_pairs=1, ethics_reference="IRB-2026-117")
+    for pid in ("p1", "p2"):
+        rater = ClientRater()
+        rater.consent(rater.get(reverse("studies:entry", args=[study.pk]), PROLIFIC_PID=pid))
+    page = researcher_client.get(reverse("admin:studies_consenttext_changelist")).content.decode()
+    assert study.consent_texts.get().digest in page and '<td class="field-n_agreed">2</td>' in page
+    consent = study.consent_texts.get()
+    detail = researcher_client.get(reverse("admin:studies_consenttext_change", args=[consent.pk]))
+    assert "IRB-2026-117" in detail.content.decode() and 'name="text"' not in detail.content.decode()
+    delete = reverse("admin:studies_consenttext_delete", args=[consent.pk])
+    assert researcher_client.post(delete).status_code == 403
+    assignment = Assignment.objects.first()
+    shown = researcher_client.get(reverse("admin:studies_assignment_change", args=[assignment.pk]))
+    html = shown.content.decode()
+    assert str(consent) in html and 'name="consent"' not in html  # shown, read only

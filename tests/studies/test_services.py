@@ -38,7 +38,8 @@ def test_study_create_builds_every_condition_and_pair(data):
         title="Garments", dataset=dataset, classifier=classifier, methods=["cve"], pairs=[(shirt, coat)]
     )
     assert study.status == Study.Status.DRAFT
-    assert sorted(study.conditions.values_list("method", "setup")) == [("cve", "random"), ("cve", "semantic")]
+    conditions = sorted(study.conditions.values_list("method", "setup"))
+    assert conditions == [("cve", "consistent"), ("cve", "random")]
     pair = study.pairs.get()
     assert (pair.class_a, pair.class_b) == (shirt, coat)
 
@@ -110,17 +111,17 @@ def test_launch_freezes_the_design():
             class_b=ClassLabelFactory(dataset=study.dataset),
         )
     with pytest.raises(ValidationError, match="frozen"):
-        services.condition_add(study=study, method="cve", setup=Condition.Setup.SEMANTIC)
+        services.condition_add(study=study, method="cve", setup=Condition.Setup.CONSISTENT)
 
 
 def test_launch_refused_while_stimuli_are_missing():
     pair = ClassPairFactory(study__status=Study.Status.READY, study__n_learning=3)
-    condition = ConditionFactory(study=pair.study, method="cve", setup="semantic")
+    condition = ConditionFactory(study=pair.study, method="cve", setup="consistent")
     ExplanationFactory(pair=pair, condition=condition)
     ExplanationFactory(pair=pair, condition=condition, flipped=False)  # not a usable stimulus
     with pytest.raises(ValidationError) as info:
         services.study_launch(study=pair.study)
-    assert "cve / semantic: 1 of 3" in messages(info)
+    assert "cve / consistent: 1 of 3" in messages(info)
     pair.study.refresh_from_db()
     assert pair.study.status == Study.Status.READY
 

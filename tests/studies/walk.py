@@ -1,34 +1,64 @@
 """A rater walking the real pages with Django's test client, keeping every response it received."""
 
+import re
 from collections.abc import Callable
 
 from django.test import Client
+from django.urls import reverse
 
 from studies.http_rater import Page, parse_page
 
 
+def body(response) -> bytes:
+    """A test response's bytes; a streamed file (an image) is read once and kept on the response."""
+    if not response.streaming:
+        return response.content
+    if not hasattr(response, "read_body"):
+        response.read_body = b"".join(response.streaming_content)
+    return response.read_body
+
+
 class ClientRater:
     """Consent -> instructions -> every trial -> debrief, through the views; ``received`` keeps every response
-    (pages, redirects, images) for the leak scan."""
+    (pages, redirects, images) for the leak scan. With ``cookies=False`` it drops every cookie before each
+    request, as a browser does inside MTurk's cross-site frame: only the token in the URLs carries the
+    rater."""
 
-    def __init__(self, client: Client | None = None) -> None:
+    def __init__(self, client: Client | None = None, *, cookies: bool = True) -> None:
         self.client = client or Client()
+        self.cookies = cookies
         self.received = []
+        self.token = ""  # the assignment's URL token, once a page or redirect has shown it
+
+    def _keep(self, response):
+        self.received.append(response)
+        found = re.search(r"/s/r/([A-Za-z0-9_-]+)/", response.get("Location", ""))
+        if found:
+            self.token = found.group(1)
+        return response
+
+    def _forget_cookies(self) -> None:
+        if not self.cookies:
+            self.client.cookies.clear()
+
+    def url(self, name: str, **kwargs) -> str:
+        """A URL of this rater's assignment: ``url("go")``, ``url("answer", key=...)``."""
+        return reverse(f"studies:{name}", kwargs={"token": self.token, **kwargs})
 
     def get(self, url: str, **params) -> Page:
-        response = self.client.get(url, params)
-        self.received.append(response)
+        self._forget_cookies()
+        response = self._keep(self.client.get(url, params))
         while response.status_code in (301, 302, 303):
-            response = self.client.get(response["Location"])
-            self.received.append(response)
+            self._forget_cookies()
+            response = self._keep(self.client.get(response["Location"]))
         return self._page(response)
 
     def post(self, url: str, data: dict, **headers) -> Page:
-        response = self.client.post(url, data, headers=headers)
-        self.received.append(response)
+        self._forget_cookies()
+        response = self._keep(self.client.post(url, data, headers=headers))
         while response.status_code in (301, 302, 303):
-            response = self.client.get(response["Location"])
-            self.received.append(response)
+            self._forget_cookies()
+            response = self._keep(self.client.get(response["Location"]))
         return self._page(response)
 
     def _page(self, response) -> Page:
@@ -44,10 +74,10 @@ class ClientRater:
     def images(self, page: Page) -> list[bytes]:
         out = []
         for src in page.images:
-            response = self.client.get(src)
-            self.received.append(response)
+            self._forget_cookies()
+            response = self._keep(self.client.get(src))
             assert response.status_code == 200, (src, response.status_code)
-            out.append(response.content)
+            out.append(body(response))
         return out
 
     def finish(

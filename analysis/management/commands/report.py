@@ -14,7 +14,7 @@ from analysis.report import report_build, report_write
 from analysis.selectors import COLUMN_NAMES, data_dictionary, responses_tidy, rows_to_csv
 from studies.models import Study
 
-STEPS = 6  # the progress steps report_build announces
+STEPS = 7  # the progress steps report_build announces
 
 
 class Command(BaseCommand):

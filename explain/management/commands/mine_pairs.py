@@ -4,7 +4,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from explain.selectors import mined_pairs
-from explain.services import study_pairs_add
+from studies.services import study_pairs_add
 
 from ._common import classifier_named, run
 

@@ -7,8 +7,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from explain.precompute import study_precompute
-from explain.selectors import plan_progress
+from explain.precompute import plan_progress, study_precompute, training_summary
 from studies.models import Study
 from studies.selectors import study_by_ref
 
@@ -69,6 +68,7 @@ class Command(BaseCommand):
                 time.sleep(1)
                 progress = plan_progress(study=study)
                 bar.total = progress["total"]
+                bar.set_postfix_str(training_summary(progress), refresh=False)  # models' steps, time left
                 bar.update(progress["finished"] - bar.n)
         for row in progress["conditions"]:
             self.stdout.write(

@@ -34,7 +34,9 @@ class Command(BaseCommand):
             if background:
                 return enqueue(self, "auxiliary_train", {"dataset_id": data.pk, "name": name, **params})
             backbone = run(lambda: auxiliary_train(dataset=data, name=name, **params))
-            self.stdout.write(f"SimSiam loss per epoch: {[round(v, 3) for v in backbone.provenance['loss']]}")
+            self.stdout.write(
+                f"SimSiam loss per epoch: {[round(v, 3) for v in backbone.provenance['epoch_losses']]}"
+            )
         self.stdout.write(f"Auxiliary model {backbone.name!r}: {backbone.path}")
         check = backbone.provenance.get("part_clustering")
         if check:

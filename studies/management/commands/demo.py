@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from ctypes import CDLL
+from ctypes.util import find_library
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +20,15 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from studies.demo import BUDGETS, demo_prepare, step
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: the kernel sends it SIGTERM when the demo process dies, even by SIGKILL,
+    so no worker or web server outlives the demo that started it (Linux; elsewhere the demo's own cleanup)."""
+    if sys.platform.startswith("linux"):
+        CDLL(find_library("c") or "libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def database_ensure() -> bool:
@@ -86,6 +97,12 @@ class Command(BaseCommand):
             say(f"Created database {urlparse(settings.DATABASE_URL).path.lstrip('/')!r}")
         call_command("migrate", interactive=False, verbosity=0)
         say("Migrations applied")
+        key = (
+            "from DJANGO_SECRET_KEY"
+            if settings.SECRET_KEY_FROM_ENVIRONMENT
+            else f"in {settings.SECRET_KEY_FILE}"
+        )
+        say(f"Debug:    {'ON (DJANGO_DEBUG=1)' if settings.DEBUG else 'off'}; secret key {key}")
         username, password = researcher_ensure()
 
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "")}
@@ -96,10 +113,18 @@ class Command(BaseCommand):
             [python, "-m", "celery", "-A", "config.celery_app", "worker", "-Q", "explain,default",
              "--pool=solo", "--loglevel=warning", "-n", worker_name],
             env=env,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
+        call_command("collectstatic", interactive=False, verbosity=0)
+        # Served as on a server: gunicorn, DEBUG off (unless DJANGO_DEBUG=1), static files through WhiteNoise.
         web = subprocess.Popen(
-            [python, "manage.py", "runserver", f"{host}:{port}", "--noreload"], env=env, cwd=settings.BASE_DIR
-        )
+            [python, "-m", "gunicorn", "config.wsgi:application", "--bind", f"{host}:{port}",
+             "--config", str(settings.BASE_DIR / "config" / "gunicorn.conf.py"), "--workers", "2",
+             "--access-logfile", "/dev/null"],
+            env=env,
+            cwd=settings.BASE_DIR,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
         children = [web, worker]
         started = time.monotonic()
         try:

@@ -34,6 +34,7 @@ def learner_policy(learner: SimulatedLearner, study: Study):
 
     def policy(page: Page, images: list[bytes]) -> str:
         offered = [value for name, value in page.form.buttons if name == "answer"]
+        learner.enter(page.phase)
         if page.phase == "learning":
             for png, caption in zip(images, page.captions, strict=True):
                 if caption not in sides:

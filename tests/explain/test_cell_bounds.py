@@ -1,0 +1,196 @@
+"""The branch and bound of the cell search: its upper bounds hold on random MLP tails (and are tight enough to
+prune), its int8 products are exact, and the searches that use it choose the plain loops' edits."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from explain.methods import cell_bounds
+from explain.methods.cell_bounds import TailBound, mlp_tail
+from explain.methods.cell_search import _Step, head_scorer
+from explain.methods.cve import CVE
+from explain.methods.semantic import SemanticCounterfactual
+from explain.nets.split import SplitClassifier
+from tests.explain.cell_models import (  # noqa: F401 (single_thread: an autouse fixture)
+    a_target,
+    features_net,
+    images,
+    single_thread,
+    tiny_aux,
+)
+from tests.explain.test_cve import reference_cve, tied_features
+from tests.explain.test_semantic import reference_semantic
+
+FRESH = [int.from_bytes(os.urandom(4), "little") for _ in range(2)]  # new inputs on every run
+
+
+def tail(seed: int, widths: tuple[int, int, int]) -> nn.Sequential:
+    """VGG's head after its first layer, in miniature: ReLU, Dropout, Linear, ReLU, Dropout, Linear."""
+    torch.manual_seed(seed)
+    first, mid, classes = widths
+    return nn.Sequential(
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(first, mid),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(mid, classes),
+    ).eval()
+
+
+@pytest.mark.parametrize("seed", [*range(6), *FRESH])
+def test_the_bound_is_above_the_exact_score_and_close_to_it_for_small_changes(seed):
+    widths = [(64, 48, 5), (256, 256, 20), (96, 32, 3)][seed % 3]
+    rest = tail(seed, widths)
+    bound = TailBound(*mlp_tail(rest))
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(widths[0], generator=generator)
+    target = seed % widths[2]
+    bound.begin(hidden, target)
+    exact_rest = copy.deepcopy(rest).double()
+    for scale in (0.01, 0.1, 1.0, 5.0):  # small changes (one cell) to ones that switch most units
+        h1 = hidden + scale * torch.randn(300, widths[0], generator=generator)
+        with torch.no_grad():
+            exact = torch.log_softmax(exact_rest(h1.double()), dim=-1)[:, target]
+        upper = bound.upper(h1.clone()).double()
+        assert (upper >= exact - 1e-5).all(), (scale, float((exact - upper).max()))
+        if scale == 0.01:
+            assert float((upper - exact).max()) < 0.02, "the bound should be tight for small changes"
+
+
+def test_int8_products_are_exact_with_and_without_the_cpu_kernel(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (37, 300), generator=generator).to(torch.int8)
+    b = torch.randint(-127, 128, (50, 300), generator=generator).to(torch.int8).t()
+    expected = a.long() @ b.long()
+    assert torch.equal(cell_bounds._int8_products(a, b).long(), expected)
+    monkeypatch.setattr(cell_bounds, "_INT_MM", None)
+    assert torch.equal(cell_bounds._int8_products(a, b).long(), expected)
+
+
+def test_only_the_vgg_tail_gets_bounds():
+    assert mlp_tail(tail(0, (8, 6, 3))) is not None
+    gelu = nn.Sequential(nn.GELU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    deeper = nn.Sequential(nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    training = tail(0, (8, 6, 3)).train()
+    assert mlp_tail(gelu) is None and mlp_tail(deeper) is None and mlp_tail(training) is None
+
+
+def wide_model(seed: int, grid: tuple[int, int] = (4, 4), classes: int = 6) -> SplitClassifier:
+    """A VGG-shaped head wide enough for the bounds to prune: Flatten, Linear, then the tail."""
+    torch.manual_seed(seed)
+    f = features_net()
+    hw = grid[0] * grid[1]
+    g = nn.Sequential(
+        nn.Flatten(),
+        nn.Sequential(
+            nn.Linear(8 * hw, 96),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(96, 64),
+            nn.ReLU(),
+            nn.Dropout(),
+            nn.Linear(64, classes),
+        ),
+    )
+    return SplitClassifier(f=f.eval(), g=g.eval())
+
+
+def assert_reference_edits(model, aux, seed: int) -> None:
+    """CVE and the semantic search on ``model`` pick the plain reference loops' edits, scores and flips."""
+    x = images(seed, 4)
+    target = a_target(model, x[:1], x[1:2])
+    cve = CVE().explain(model, x[:1], target, x[1:2])
+    edits, scores, flipped = reference_cve(model, x[:1], target, x[1:2], None)
+    assert (cve.edits, cve.flipped) == (edits, flipped), f"seed {seed}"
+    assert cve.scores == pytest.approx(scores, rel=1e-5, abs=1e-5)
+    semantic = SemanticCounterfactual(topk=0.3, num_distractors=None).explain(
+        model, x[:1], target, x[1:], aux=aux
+    )
+    edits, scores, flipped = reference_semantic(
+        model, aux, x[:1], target, x[1:], lambda_=0.4, tau=0.1, topk=0.3
+    )
+    assert (semantic.edits, semantic.flipped) == (edits, flipped), f"seed {seed}"
+    assert semantic.scores == pytest.approx(scores, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [*range(8), *FRESH])
+def test_branch_and_bound_prunes_yet_chooses_the_reference_edits(seed):
+    model, aux = wide_model(seed), tiny_aux(seed)
+    assert head_scorer(model.g, 8, (4, 4)).tail is not None
+    assert_reference_edits(model, aux, seed)
+
+
+def test_the_bounds_really_prune_in_the_compared_cases():
+    """Guards the test above: across its seeds most candidates are bounded out, never scored."""
+    evaluated = candidates = 0
+    for seed in range(8):
+        model, aux = wide_model(seed), tiny_aux(seed)
+        x = images(seed, 4)
+        target = a_target(model, x[:1], x[1:2])
+        for result in (
+            CVE().explain(model, x[:1], target, x[1:2]),
+            SemanticCounterfactual(topk=0.3, num_distractors=None).explain(
+                model, x[:1], target, x[1:], aux=aux
+            ),
+        ):
+            evaluated += result.timings["evaluated"]
+            candidates += result.timings["candidates"]
+    assert evaluated < 0.5 * candidates, (evaluated, candidates)
+
+
+@pytest.mark.parametrize("seed", [*range(70, 74), *FRESH])
+def test_exact_ties_survive_the_pruning_and_break_by_the_documented_rule(seed):
+    """Duplicated cells make exactly equal scores (and equal bounds): all of them are scored and the lowest
+    pair wins, as in the plain loop; the wide head still prunes the rest."""
+    model = SplitClassifier(f=nn.Identity(), g=wide_model(seed).g)
+    x = tied_features(seed, (4, 4))
+    target = a_target(model, x[:1], x[1:])
+    result = CVE().explain(model, x[:1], target, x[1:])
+    edits, scores, flipped = reference_cve(model, x[:1], target, x[1:], None)
+    assert (result.edits, result.flipped) == (edits, flipped), f"seed {seed}"
+    assert result.scores == pytest.approx(scores, rel=1e-5, abs=1e-5)
+    assert result.timings["evaluated"] < result.timings["candidates"]
+
+
+class _KnownScores:
+    """A scorer whose candidates' scores are given (target 0 of two classes) and whose bounds exceed them by
+    ``excess``; it counts the rounds of scoring (the tail's passes)."""
+
+    def __init__(self, scores: torch.Tensor, excess: float):
+        self.scores, self.excess, self.rounds = scores.double(), excess, []
+
+    def upper_bounds(self, i, j):  # one distractor cell (m = 1): candidate k is (i, 0)
+        return (self.scores[i] + self.excess).float()
+
+    def logits(self, i, j):
+        self.rounds.append(len(i))
+        score = self.scores[i]  # log softmax([0, x])[0] = -log(1 + e^x) = score
+        return torch.stack([torch.zeros_like(score), torch.log(torch.expm1(-score))], dim=1).float()
+
+
+@pytest.mark.parametrize("seed", [*range(4), *FRESH])
+def test_the_first_round_adapts_to_the_bounds_excess_and_misses_nothing(seed):
+    """Given the excess of earlier steps, one round scores everything that can reach the shortlist; without it
+    (the first step) the top 8 go first and a second round adds the rest. Either way every candidate whose
+    bound reaches best - 2 margin is scored, and the best is found."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = -1 - torch.rand(200, generator=generator, dtype=torch.float64) * 0.2
+    scores[torch.randperm(200, generator=generator)[:20]] = -1 + 1e-4 * torch.rand(20, dtype=torch.float64)
+    candidates = torch.arange(200)
+    for slack, rounds in ((0.01, 1), (None, 2)):
+        scorer = _KnownScores(scores, excess=0.01)
+        step = _Step(scorer, candidates, 1, 0, None, 1.0, 4096)
+        excess = step.branch_and_bound(1e-3, 1e-5, slack)
+        assert len(scorer.rounds) == rounds, scorer.rounds
+        assert excess == pytest.approx(0.01, abs=1e-6)
+        best = float(scores.max())
+        assert float(step.fast.max()) == pytest.approx(best, abs=1e-6)
+        reaching = scores + 0.01 >= best - 2e-3
+        assert bool(torch.isfinite(step.fast[reaching]).all())
+        assert step.evaluated == sum(scorer.rounds)
