@@ -160,11 +160,12 @@ def test_a_task_explains_a_generative_conditions_units_in_one_batch_with_their_o
     """``work_units_run`` gives the units of one condition one ``explain_batch``, each with its own seed.
 
     Each explanation names the batch that regenerates it exactly. Alone, a unit gets nearly the same
-    counterfactual: batched convolutions round differently, and LDCE's 14 guided steps amplify that a little
-    (over 30 units of 8 study seeds: cout within 0.007, pixels within 2 grey levels, 0.16 on average), far less
-    than another seed changes it. RCSB's need not be close: its Adam step normalises every pixel's gradient, so
-    the rounding differences in near-zero gradients can become whole steps; what holds is that its region (from
-    the unit's own SmoothGrad noise) is the one-by-one region, exactly, and no pixel outside it changes."""
+    counterfactual: batched convolutions round differently, and LDCE's 14 guided steps amplify that a
+    little (over 30 units of 8 study seeds: cout within 0.007, pixels within 2 grey levels, 0.16 on
+    average), far less than another seed changes it. RCSB's need not be close: its Adam step normalises
+    every pixel's gradient, so the rounding differences in near-zero gradients can become whole steps; what
+    holds is that its region (from the unit's own SmoothGrad noise) is the one-by-one region, exactly, and
+    no pixel outside it changes."""
     study = make_study(slice_, "batched", ["ldce-cls-cpu-tiny", "rcsb-cpu-tiny"], n_learning=3)
     plan = study_precompute(study=study, backbone_params=BACKBONE_PARAMS, semantic_pool=1)
     while WorkUnit.objects.filter(plan__isnull=True, status=WorkUnit.Status.QUEUED).exists():
