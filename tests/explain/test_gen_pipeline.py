@@ -188,6 +188,7 @@ def test_a_task_explains_a_generative_conditions_units_in_one_batch_with_their_o
     for unit in units:
         unit.refresh_from_db()
         assert unit.status in (WorkUnit.Status.DONE, WorkUnit.Status.UNEXPLAINABLE), unit.error
+
         def explained_alone(seed, unit=unit):
             return worker.explain_pair(
                 classifier=study.classifier,
