@@ -155,15 +155,24 @@ def _rater_trial(token: str, key: UUID) -> Trial:
 
 
 def _over_limit(request: HttpRequest, who: str, factor: int = 1) -> bool:
-    """Whether ``who`` sent more POSTs this minute than ``factor`` x ``FOIL_RATER_POSTS_PER_MINUTE``."""
-    key = f"foil:rater-posts:{who}:{int(time.time() // 60)}"
+    """Whether ``who`` sent more POSTs in the last minute than ``factor`` x ``FOIL_RATER_POSTS_PER_MINUTE``.
+
+    A sliding window over two minute buckets: this minute's count plus last minute's, weighted by the part of
+    last minute still inside the window. A fixed minute would let twice the limit through across a minute's
+    turn (the limit's count starting again at 0)."""
+    now = time.time()
+    minute, into = divmod(now, 60)
+    key = f"foil:rater-posts:{who}:{int(minute)}"
     limit = settings.FOIL_RATER_POSTS_PER_MINUTE * factor
-    if cache.add(key, 1, timeout=70):
-        return 1 > limit
-    try:
-        return cache.incr(key) > limit
-    except ValueError:  # expired between add and incr
-        return False
+    if cache.add(key, 1, timeout=130):  # kept through the next minute, where it is the previous bucket
+        current = 1
+    else:
+        try:
+            current = cache.incr(key)
+        except ValueError:  # expired between add and incr
+            current = 1
+    previous = cache.get(f"foil:rater-posts:{who}:{int(minute) - 1}", 0)
+    return current + previous * (1 - into / 60) > limit
 
 
 def _too_many(request: HttpRequest) -> HttpResponse:

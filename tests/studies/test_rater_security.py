@@ -4,6 +4,7 @@ The tampering tests run twice: with cookies, and with every cookie dropped befor
 MTurk's cross-site frame), where only the token in the URLs carries the rater."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 from django.test import Client, override_settings
@@ -12,6 +13,7 @@ from django.urls import reverse
 from explain.imaging import png_chunks, stripped_png
 from explain.methods import method_names
 from studies import services
+from studies import views as views_module
 from studies.models import Assignment, Block, Condition, Response, Trial
 from tests.factories import RaterFactory
 from tests.studies.builders import SECRET_CLASS_NAMES, data_guards_off, live_study, png
@@ -312,3 +314,29 @@ def test_submissions_are_rate_limited_per_rater(cookies):
     other = ClientRater()  # another rater is not affected
     page = other.consent(other.get(reverse("studies:entry", args=[study.pk]), PROLIFIC_PID="other"))
     assert page.step == "instructions"
+
+
+@pytest.mark.django_db
+@override_settings(FOIL_RATER_POSTS_PER_MINUTE=5)
+def test_the_rate_limit_holds_across_the_turn_of_a_minute(monkeypatch):
+    """Four answers in the last seconds of a minute and more in the first of the next: the sixth POST within
+    a few seconds is refused, as within one minute (a fixed per-minute count would start again at 0); a
+    minute later the rater may answer again."""
+    clock = [60 * 1_000_000 + 57.0]  # three seconds before a minute turns
+    monkeypatch.setattr(views_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    study = live_study(n_images=8)
+    rater = ClientRater()
+    page = rater.consent(rater.get(reverse("studies:entry", args=[study.pk]), **PROLIFIC))
+    page = rater.post(page.form.action, dict(page.form.fields))  # the 1st counted POST
+    statuses = []
+    for _ in range(6):
+        response = rater.client.post(page.form.action, {**page.form.fields, "answer": "D"})
+        statuses.append(response.status_code)
+        if response.status_code == 302:
+            page = rater.get(response["Location"])
+        clock[0] += 1.0  # 57, 58, 59 | 60 (the turn), 61, 62
+    assert statuses == [302, 302, 302, 302, 429, 429]
+    assert Response.objects.count() == 4
+    clock[0] += 60
+    response = rater.client.post(page.form.action, {**page.form.fields, "answer": "D"})
+    assert response.status_code == 302 and Response.objects.count() == 5
