@@ -12,10 +12,15 @@ delta = ReLU(h1) - a1_0 and Delta = W2 delta, exactly (real arithmetic):
    max(0, Delta_k - |h|) for an inactive one;
 4. so S(z) <= S(z_0) + g . delta + sum_{w_k > 0} w_k s_k with g = W2^T (m * w) (the linear part, one dot
    product of length 4096 per candidate), and units with w_k <= 0 dropped (their terms are <= 0);
-5. s_k only needs an interval for Delta_k on the units with w_k > 0: an int8 product
-   Delta^_k = sW_k s_c (Wq_k . deltaq_c) (exact int32 accumulation, per-row and per-candidate scales) with
-   |Delta_k - Delta^_k| <= ||W2_k - sW_k Wq_k|| ||delta_c|| + ||sW_k Wq_k|| ||delta_c - s_c deltaq_c||
-   (Cauchy-Schwarz), i.e. about a quarter of the exact product's cost on half its rows.
+5. s_k only needs an interval for Delta_k on the units with w_k > 0. Where this CPU has fast int8 products
+   (``int8_products_fast``: AVX512-VNNI or AMX, whose ``torch._int_mm`` is several times float32's speed), an
+   int8 product Delta^_k = sW_k s_c (Wq_k . deltaq_c) (exact int32 accumulation, per-row and per-candidate
+   scales) with |Delta_k - Delta^_k| <= ||W2_k - sW_k Wq_k|| ||delta_c|| + ||sW_k Wq_k|| ||delta_c - s_c
+   deltaq_c|| (Cauchy-Schwarz), i.e. about a quarter of the exact product's cost on half its rows. Elsewhere
+   (e.g. AVX2 only, where ``torch._int_mm`` is a slow generic loop, 20x float32's time) a float32 product on
+   those rows, with the rounding bound |fl(W2_k . delta) - W2_k . delta| <= gamma_n ||W2_k|| ||delta||,
+   gamma_n = n u / (1 - n u) for any order of summation (Higham, Accuracy and Stability, Eq. 3.5), doubled:
+   half the exact product's cost, and a tighter interval.
 
 The bound is within a few hundredths of the exact score on VGG-16 heads (the switch terms are few), so most
 candidates fall below the best exact score and never run the 4096 x 4096 layer in float32. It holds in real
@@ -24,6 +29,8 @@ arithmetic; the caller adds a slack for float32 rounding (``cell_search``'s marg
 
 from __future__ import annotations
 
+import functools
+import time
 import weakref
 
 import torch
@@ -33,6 +40,33 @@ from torch.nn import functional as F
 from explain.methods.packed import packed_linear
 
 _INT_MM = getattr(torch, "_int_mm", None)
+_UNIT_ROUNDOFF = 2.0**-24  # float32
+
+
+@functools.cache
+def int8_products_fast() -> bool:
+    """Whether this CPU's exact int8 products run at under half float32's time (measured once per process on
+    a (64, 1024) x (1024, 256) product, the best of three): then the bounds use them, else float32."""
+    if _INT_MM is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (256, 1024), dtype=torch.int8, generator=generator).t()
+    af, bf = a.float(), b.float()
+    try:
+        _INT_MM(a, b)
+    except RuntimeError:
+        return False
+
+    def best(product) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: _INT_MM(a, b)) < 0.5 * best(lambda: af @ bf)
 
 
 def mlp_tail(rest: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
@@ -54,21 +88,24 @@ class TailBound:
 
     _quantized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, l2: nn.Linear, l3: nn.Linear):
+    def __init__(self, l2: nn.Linear, l3: nn.Linear, int8: bool | None = None):
+        """``int8``: the switch terms' intervals from int8 products (True) or float32 ones (False); None:
+        int8 where this CPU runs them fast (``int8_products_fast``)."""
         self.l2, self.l3 = l2, l3
+        self.int8 = int8_products_fast() if int8 is None else int8
         weight = l2.weight.detach()
         key = (weight._version, weight.device)
         cached = self._quantized.get(l2)
         if cached is None or cached[0] != key:
             cached = (key, self._quantize(weight))
             self._quantized[l2] = cached
-        self.q_signed, self.row_scale, self.row_error, self.row_norm = cached[1]
+        self.q_signed, self.row_scale, self.row_error, self.row_norm, self.exact_norm = cached[1]
         self.w2, self.w3 = packed_linear(l2), packed_linear(l3)  # the products of ``forward``
 
     @staticmethod
     def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-row int8 weights Wq, then negated: (2 out, in) = [Wq; -Wq]; their scales s_k,
-        and (rounded up) ||W_k - s_k Wq_k|| and ||s_k Wq_k||."""
+        and (rounded up) ||W_k - s_k Wq_k||, ||s_k Wq_k|| and ||W_k||."""
         exact = weight.double()
         scale = exact.abs().amax(dim=1) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -77,7 +114,8 @@ class TailBound:
         norm = (q * scale[:, None]).norm(dim=1)
         up = 1 + 1e-6
         signed = torch.cat([q, -q]).to(torch.int8)
-        return signed, scale.float(), (error * up).float(), (norm * up).float()
+        exact_norm = exact.norm(dim=1) * up
+        return signed, scale.float(), (error * up).float(), (norm * up).float(), exact_norm.float()
 
     def forward(self, h1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tail on (B, out1) pre-activations, as the head computes it: (ReLU(h1), h2, logits)."""
@@ -112,6 +150,14 @@ class TailBound:
         # Delta^_k = scale_k step_c (sign_k Wq_k . deltaq_c) and the error bound err_ck, it is at most
         # scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into the int8
         # rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
+        if not self.int8:  # W2's rows of these units in float32, and their signs (applied to the products)
+            self.rows = w2.index_select(0, units).t()  # (in, units): a plain product, no packing per step
+            self.signs = torch.where(active[units], -1.0, 1.0)[None]
+            self.w = w[units]
+            self.offset = -h2[units].abs()[None]  # (1, units)
+            gamma = w2.shape[1] * _UNIT_ROUNDOFF / (1 - w2.shape[1] * _UNIT_ROUNDOFF)
+            self.errors = (2 * gamma * self.exact_norm[units])[None]  # (1, units): per unit of ||delta||
+            return
         self.q_rows = self.q_signed.index_select(0, units + self.q_signed.shape[0] // 2 * active[units]).t()
         scale = self.row_scale[units]
         self.w = w[units] * scale
@@ -126,6 +172,10 @@ class TailBound:
         if self.units == 0:
             return bound
         size = torch.linalg.vector_norm(delta, dim=1)
+        if not self.int8:  # sign_k Delta^_k - |h2_0,k| + the rounding bound of the float32 product
+            sizes = (size * (1 + 1e-4))[:, None]  # rounded up: a float32 norm
+            switch = torch.mm(delta, self.rows).mul_(self.signs).add_(self.offset).addmm_(sizes, self.errors)
+            return bound.add_(torch.mv(switch.relu_(), self.w))
         step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
         step = torch.where(step > 0, step, torch.ones_like(step))[:, None]
         quantized = torch.div(delta, step).round_().clamp_(-127, 127)

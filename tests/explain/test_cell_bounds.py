@@ -1,5 +1,6 @@
 """The branch and bound of the cell search: its upper bounds hold on random MLP tails (and are tight enough to
-prune), its int8 products are exact, and the searches that use it choose the plain loops' edits."""
+prune), with the switch terms' intervals from int8 products and from float32 ones (the CPU picks one), its
+int8 products are exact, and the searches that use it choose the plain loops' edits."""
 
 from __future__ import annotations
 
@@ -43,11 +44,19 @@ def tail(seed: int, widths: tuple[int, int, int]) -> nn.Sequential:
     ).eval()
 
 
+@pytest.fixture(params=["int8", "float32"])
+def intervals(request, monkeypatch):
+    """Both ways of bounding the switch terms, whichever this CPU would pick."""
+    monkeypatch.setattr(cell_bounds, "int8_products_fast", lambda: request.param == "int8")
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [*range(6), *FRESH])
-def test_the_bound_is_above_the_exact_score_and_close_to_it_for_small_changes(seed):
+def test_the_bound_is_above_the_exact_score_and_close_to_it_for_small_changes(seed, intervals):
     widths = [(64, 48, 5), (256, 256, 20), (96, 32, 3)][seed % 3]
     rest = tail(seed, widths)
     bound = TailBound(*mlp_tail(rest))
+    assert bound.int8 == (intervals == "int8")
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(widths[0], generator=generator)
     target = seed % widths[2]
@@ -120,13 +129,13 @@ def assert_reference_edits(model, aux, seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [*range(8), *FRESH])
-def test_branch_and_bound_prunes_yet_chooses_the_reference_edits(seed):
+def test_branch_and_bound_prunes_yet_chooses_the_reference_edits(seed, intervals):
     model, aux = wide_model(seed), tiny_aux(seed)
-    assert head_scorer(model.g, 8, (4, 4)).tail is not None
+    assert head_scorer(model.g, 8, (4, 4)).tail.int8 == (intervals == "int8")
     assert_reference_edits(model, aux, seed)
 
 
-def test_the_bounds_really_prune_in_the_compared_cases():
+def test_the_bounds_really_prune_in_the_compared_cases(intervals):
     """Guards the test above: across its seeds most candidates are bounded out, never scored."""
     evaluated = candidates = 0
     for seed in range(8):
@@ -145,7 +154,7 @@ def test_the_bounds_really_prune_in_the_compared_cases():
 
 
 @pytest.mark.parametrize("seed", [*range(70, 74), *FRESH])
-def test_exact_ties_survive_the_pruning_and_break_by_the_documented_rule(seed):
+def test_exact_ties_survive_the_pruning_and_break_by_the_documented_rule(seed, intervals):
     """Duplicated cells make exactly equal scores (and equal bounds): all of them are scored and the lowest
     pair wins, as in the plain loop; the wide head still prunes the rest."""
     model = SplitClassifier(f=nn.Identity(), g=wide_model(seed).g)
@@ -194,3 +203,10 @@ def test_the_first_round_adapts_to_the_bounds_excess_and_misses_nothing(seed):
         reaching = scores + 0.01 >= best - 2e-3
         assert bool(torch.isfinite(step.fast[reaching]).all())
         assert step.evaluated == sum(scorer.rounds)
+
+
+def test_the_cpu_check_for_fast_int8_products_is_a_measurement_made_once():
+    cell_bounds.int8_products_fast.cache_clear()
+    first = cell_bounds.int8_products_fast()
+    assert isinstance(first, bool) and cell_bounds.int8_products_fast() is first
+    assert cell_bounds.int8_products_fast.cache_info().hits == 1
