@@ -151,7 +151,9 @@ class TailBound:
         # scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into the int8
         # rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
         if not self.int8:  # W2's rows of these units in float32, and their signs (applied to the products)
-            self.rows = w2.index_select(0, units).t()  # (in, units): a plain product, no packing per step
+            if getattr(self, "_rows", None) is None:  # reused from step to step: a fresh 30 MB page-faults
+                self._rows = torch.empty_like(w2)
+            self.rows = torch.index_select(w2, 0, units, out=self._rows[: len(units)]).t()  # (in, units)
             self.signs = torch.where(active[units], -1.0, 1.0)[None]
             self.w = w[units]
             self.offset = -h2[units].abs()[None]  # (1, units)
