@@ -87,6 +87,7 @@ class TailBound:
     docstring). ``begin`` once per step, then ``upper`` per chunk of candidates. CPU, float32."""
 
     _quantized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # W2's rows of a step's units
 
     def __init__(self, l2: nn.Linear, l3: nn.Linear, int8: bool | None = None):
         """``int8``: the switch terms' intervals from int8 products (True) or float32 ones (False); None:
@@ -151,9 +152,10 @@ class TailBound:
         # scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into the int8
         # rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
         if not self.int8:  # W2's rows of these units in float32, and their signs (applied to the products)
-            if getattr(self, "_rows", None) is None:  # reused from step to step: a fresh 30 MB page-faults
-                self._rows = torch.empty_like(w2)
-            self.rows = torch.index_select(w2, 0, units, out=self._rows[: len(units)]).t()  # (in, units)
+            buffer = self._buffers.get(self.l2)  # kept while the layer lives: a fresh 30 MB page-faults
+            if buffer is None or buffer.shape != w2.shape:
+                buffer = self._buffers[self.l2] = torch.empty_like(w2)
+            self.rows = torch.index_select(w2, 0, units, out=buffer[: len(units)]).t()  # (in, units)
             self.signs = torch.where(active[units], -1.0, 1.0)[None]
             self.w = w[units]
             self.offset = -h2[units].abs()[None]  # (1, units)
