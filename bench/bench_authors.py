@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bench.bench_cell_methods import vgg16_head
+from explain.methods import cell_bounds
 from explain.methods.base import SplitClassifier
 from explain.methods.semantic import SemanticCounterfactual
 
@@ -73,6 +74,11 @@ def main() -> None:
         ours_method.explain(model, warm[:1], int(g(warm[:1]).argmin()), warm[1:], aux=aux)
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cpu})")
+    fast = cell_bounds.int8_products_fast()
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}: the bounds' intervals from "
+        f"{'int8' if fast else 'float32'} products ({'fast' if fast else 'slow'} int8 products measured here)"
+    )
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(
         "| distractors | seed | edits | authors s | ours s | ours faster | authors CPU s | ours CPU s | "
