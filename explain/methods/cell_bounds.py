@@ -101,11 +101,8 @@ class TailBound:
         self.int8 = int8_products_fast() if int8 is None else int8
         weight = l2.weight.detach()
         key = (weight._version, weight.device)
-        cached = self._quantized.get(l2)
-        if cached is None or cached[0] != key:
-            cached = (key, self._quantize(weight))
-            self._quantized[l2] = cached
-        self.q_signed, self.row_scale, self.row_error, self.row_norm, self.exact_norm = cached[1]
+        quantized = _kept(self._quantized, l2, key, lambda: self._quantize(weight))
+        self.q_signed, self.row_scale, self.row_error, self.row_norm, self.exact_norm = quantized
         self.w2, self.w3 = packed_linear(l2), packed_linear(l3)  # the products of ``forward``
 
     @staticmethod
@@ -157,12 +154,12 @@ class TailBound:
         # scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into the int8
         # rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
         if not self.int8:  # W2's rows of these units in float32, and their signs (applied to the products)
-            key = (w2._version, w2.device)
-            cached = self._transposed.get(self.l2)
-            if cached is None or cached[0] != key:
-                cached = (key, w2.t().contiguous(), torch.empty(w2.numel()), torch.empty(w2.numel()))
-                self._transposed[self.l2] = cached
-            _, transposed, self._columns, self._inputs = cached
+            transposed, self._columns, self._inputs = _kept(
+                self._transposed,
+                self.l2,
+                (w2._version, w2.device),
+                lambda: (w2.t().contiguous(), torch.empty(w2.numel()), torch.empty(w2.numel())),
+            )
             shape = (w2.shape[1], len(units))
             self.rows = torch.index_select(
                 transposed, 1, units, out=self._columns[: shape[0] * shape[1]].view(shape)
@@ -208,6 +205,14 @@ class TailBound:
         sizes = torch.stack([size, residual], dim=1) * (1 + 1e-4)  # rounded up: float32 norms
         switch = torch.addmm(self.offset, sizes, self.errors).addcmul_(products.float(), step)
         return bound.add_(torch.mv(switch.relu_(), self.w))
+
+
+def _kept(cache: weakref.WeakKeyDictionary, layer: nn.Module, key: tuple, build):
+    """``build()``'s result, kept in ``cache`` while ``layer`` lives and built again when ``key`` changes."""
+    cached = cache.get(layer)
+    if cached is None or cached[0] != key:
+        cached = cache[layer] = (key, build())
+    return cached[1]
 
 
 def _int8_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

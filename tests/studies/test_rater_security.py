@@ -296,19 +296,27 @@ def test_bad_answers_are_refused_with_the_reason(cookies):
     assert Response.objects.count() == 0
 
 
+def answers_in_a_row(rater, study, count: int, after_each=lambda: None):
+    """Consent, the instructions (the 1st counted POST), then ``count`` answer POSTs one after the other;
+    their status codes and the last page reached."""
+    page = rater.consent(rater.get(reverse("studies:entry", args=[study.pk]), **PROLIFIC))
+    page = rater.post(page.form.action, dict(page.form.fields))
+    statuses = []
+    for _ in range(count):
+        response = rater.client.post(page.form.action, {**page.form.fields, "answer": "D"})
+        statuses.append(response.status_code)
+        if response.status_code == 302:
+            page = rater.get(response["Location"])
+        after_each()
+    return statuses, page
+
+
 @pytest.mark.django_db
 @override_settings(FOIL_RATER_POSTS_PER_MINUTE=5)
 def test_submissions_are_rate_limited_per_rater(cookies):
     study = live_study(n_images=6)
     rater = ClientRater(cookies=cookies)
-    page = rater.consent(rater.get(reverse("studies:entry", args=[study.pk]), **PROLIFIC))
-    page = rater.post(page.form.action, dict(page.form.fields))  # the 1st counted POST
-    statuses = []
-    for _ in range(6):
-        response = rater.client.post(page.form.action, {**page.form.fields, "answer": "D"})
-        statuses.append(response.status_code)
-        if response.status_code == 302:
-            page = rater.get(response["Location"])
+    statuses, _ = answers_in_a_row(rater, study, 6)
     assert statuses[:4] == [302] * 4 and statuses[4:] == [429, 429]
     assert Response.objects.count() == 4
     other = ClientRater()  # another rater is not affected
@@ -326,15 +334,11 @@ def test_the_rate_limit_holds_across_the_turn_of_a_minute(monkeypatch):
     monkeypatch.setattr(views_module, "time", SimpleNamespace(time=lambda: clock[0]))
     study = live_study(n_images=8)
     rater = ClientRater()
-    page = rater.consent(rater.get(reverse("studies:entry", args=[study.pk]), **PROLIFIC))
-    page = rater.post(page.form.action, dict(page.form.fields))  # the 1st counted POST
-    statuses = []
-    for _ in range(6):
-        response = rater.client.post(page.form.action, {**page.form.fields, "answer": "D"})
-        statuses.append(response.status_code)
-        if response.status_code == 302:
-            page = rater.get(response["Location"])
+
+    def tick():
         clock[0] += 1.0  # 57, 58, 59 | 60 (the turn), 61, 62
+
+    statuses, page = answers_in_a_row(rater, study, 6, after_each=tick)
     assert statuses == [302, 302, 302, 302, 429, 429]
     assert Response.objects.count() == 4
     clock[0] += 60
