@@ -173,11 +173,13 @@ class Command(BaseCommand):
             for child in children:
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20  # one grace period for all (gunicorn's own is 30 s, per child)
             for child in children:
                 try:
-                    child.wait(timeout=20)
+                    child.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     child.kill()
+                    child.wait(timeout=10)
 
     def _say(self, message: str, ending: str = "\n") -> None:
         self.stdout.write(message, ending=ending)
