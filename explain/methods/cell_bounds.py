@@ -23,8 +23,8 @@ delta = ReLU(h1) - a1_0 and Delta = W2 delta, exactly (real arithmetic):
    half the exact product's cost, and a tighter interval. The inputs where no candidate of a chunk has a
    nonzero delta (first-layer units inactive at the anchor and in every candidate: about 40% on VGG-16 heads)
    add exactly 0 and are left out of that product; the part of W2 a step's product uses is kept for the next
-   steps, which gather only the inputs new to them (``_Gathered``). Memory: W2 transposed and two buffers of
-   its size are kept with the layer (about 200 MB for VGG-16's 4096 x 4096 layer).
+   steps, which gather only the inputs new to them (``_Gathered``). Memory: W2 transposed and a buffer of its
+   size are kept with the layer (about 130 MB for VGG-16's 4096 x 4096 layer).
 
 The bound is within a few hundredths of the exact score on VGG-16 heads (the switch terms are few), so most
 candidates fall below the best exact score and never run the 4096 x 4096 layer in float32. It holds in real
@@ -34,6 +34,7 @@ arithmetic; the caller adds a slack for float32 rounding (``cell_search``'s marg
 from __future__ import annotations
 
 import functools
+import math
 import time
 import weakref
 
@@ -91,8 +92,8 @@ class TailBound:
     docstring). ``begin`` once per step, then ``upper`` per chunk of candidates. CPU, float32."""
 
     _quantized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    # W2 transposed, and two buffers of its size for the float32 products' submatrix (``_Gathered``), kept
-    # while the layer lives (a fresh 30 MB buffer page-faults at every step)
+    # W2 transposed, and a buffer of its size for the float32 products' submatrix (``_Gathered``), kept while
+    # the layer lives (a fresh 30 MB buffer page-faults at every step)
     _transposed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, l2: nn.Linear, l3: nn.Linear, int8: bool | None = None):
@@ -171,7 +172,7 @@ class TailBound:
             source = _kept(self._transposed, self.l2, (w2._version, w2.device), self._gather_source)
             self.gathered = _Gathered(*source)
             self.gathered.owner[0] = self._token
-        columns = self.gathered.select(units)
+        columns = self.gathered.select(units, w)
         self.signs = torch.where(active[columns], -1.0, 1.0)[None]
         self.w = torch.where(w[columns] > 0, w[columns], torch.zeros_like(w[columns]))
         self.offset = -h2[columns].abs()[None]  # (1, columns)
@@ -179,10 +180,11 @@ class TailBound:
         self.errors = (2 * gamma * self.exact_norm[columns])[None]  # (1, columns): per unit of ||delta||
 
     def _gather_source(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """W2 transposed, (in, out), two buffers of its size for ``_Gathered``, and their owner."""
+        """For ``_Gathered``: W2 transposed (in, out), a buffer of its size, a spare buffer for the gathers,
+        and the buffers' owner."""
         source = self.l2.weight.detach().t().contiguous()
-        buffers = (torch.empty(source.numel(), dtype=source.dtype) for _ in range(2))
-        return source, *buffers, [None]
+        spare = torch.empty(_Gathered.block * source.shape[1])
+        return source, torch.empty(source.numel()), spare, [None]
 
     def upper(self, h1: torch.Tensor) -> torch.Tensor:
         """(B,) upper bounds on the target's log-probability for first-layer pre-activations ``h1`` (B, out1);
@@ -220,19 +222,26 @@ class _Gathered:
     is shared by the bounds of one layer: ``owner`` says whose submatrix it holds."""
 
     waste = 0.1
+    block = 256  # rows gathered at once (through the spare buffer)
 
     def __init__(self, source: torch.Tensor, buffer: torch.Tensor, spare: torch.Tensor, owner: list):
         self.source, self.buffer, self.spare, self.owner = source, buffer, spare, owner
         self.columns = None
 
-    def select(self, units: torch.Tensor) -> torch.Tensor:
+    def select(self, units: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """The columns for a step whose units are ``units`` (increasing): the kept ones if they hold them all
-        with little excess, else ``units`` (and no rows yet)."""
+        with little excess, else (and no rows yet) ``units`` and, given the weights ``w`` (units: w > 0), the
+        next units by weight, half the excess allowed: a unit whose w comes close to 0 often turns positive at
+        a later step."""
         if self.columns is not None and len(self.columns) <= (1 + self.waste) * len(units):
             kept = torch.zeros(self.source.shape[1], dtype=torch.bool, device=units.device)
             kept[self.columns] = True
             if bool(kept[units].all()):
                 return self.columns
+        if w is not None and len(units):
+            count = min(len(w), int((1 + self.waste / 2) * len(units)))
+            near = torch.topk(torch.nan_to_num(w, nan=-math.inf), count).indices
+            units = torch.cat([units, near]).unique()  # increasing
         self.columns = units
         self.row_list = units.new_empty(0)
         self.kept_rows = torch.zeros(self.source.shape[0], dtype=torch.bool, device=units.device)
@@ -245,14 +254,15 @@ class _Gathered:
         if len(self.row_list) + len(new) > (1 + self.waste) * len(used):
             self.row_list, new = used.new_empty(0), used  # too many rows left from earlier steps: afresh
             self.kept_rows.zero_()
-        if len(new):
-            begin = len(self.row_list) * width
-            shape = (len(new), self.source.shape[1])
-            whole = torch.index_select(self.source, 0, new, out=self.spare[: shape[0] * shape[1]].view(shape))
-            shape = (len(new), width)
+        out = self.source.shape[1]
+        for first in range(0, len(new), self.block):  # source's rows, then their columns, into the buffer
+            some = new[first : first + self.block]
+            begin = (len(self.row_list) + first) * width
+            whole = torch.index_select(self.source, 0, some, out=self.spare[: len(some) * out].view(-1, out))
             torch.index_select(
-                whole, 1, self.columns, out=self.buffer[begin : begin + shape[0] * shape[1]].view(shape)
+                whole, 1, self.columns, out=self.buffer[begin : begin + len(some) * width].view(-1, width)
             )
+        if len(new):
             self.row_list = torch.cat([self.row_list, new])
             self.kept_rows[new] = True
         return self.row_list, self.buffer[: len(self.row_list) * width].view(len(self.row_list), width)

@@ -245,12 +245,13 @@ def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_st
     target = seed % 4
     # an earlier step that needed every unit: the next ones keep all columns, most with weight 0
     monkeypatch.setattr(_Gathered, "waste", 1.5)
+    monkeypatch.setattr(_Gathered, "block", 16)  # several blocks per gather
     bound.begin(hidden, target)
     bound.gathered.select(torch.arange(64))
     kept = excess = appended = 0
     for _ in range(12):
         hidden = hidden + 0.1 * torch.randn(96, generator=generator)  # the applied edit moves the anchor
-        columns = bound.gathered.columns if bound.gathered is not None else None
+        columns = bound.gathered.columns
         bound.begin(hidden, target)
         kept += bound.gathered.columns is columns
         excess += bound.gathered.columns is columns and bound.units < len(columns)
@@ -268,3 +269,17 @@ def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_st
                 exact = torch.log_softmax(exact_rest(h1.double()), dim=-1)[:, target]
             assert (upper >= exact - 1e-5).all()
     assert kept and excess and appended, (kept, excess, appended)  # the kept submatrix was really used
+
+
+@pytest.mark.parametrize("seed", [*range(4), *FRESH])
+def test_the_kept_columns_hold_every_unit_and_a_margin_of_near_ones(seed):
+    """A fresh column set is the units with w > 0 and the next by weight (``_Gathered.select``), within the
+    allowed excess; NaN weights (no unit) take no place."""
+    generator = torch.Generator().manual_seed(seed)
+    gathered = _Gathered(torch.zeros(8, 200), torch.empty(1600), torch.empty(800), [None])
+    w = torch.randn(200, generator=generator)
+    w[torch.randperm(200, generator=generator)[:30]] = float("nan")
+    units = (w > 0).nonzero().squeeze(1)
+    columns = gathered.select(units, w)
+    assert bool(torch.isin(units, columns).all()) and bool((columns.diff() > 0).all())
+    assert len(columns) <= (1 + _Gathered.waste) * len(units)
