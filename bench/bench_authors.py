@@ -59,7 +59,16 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each pair (authors then ours); the table gives medians"
     )
+    parser.add_argument(
+        "--intervals",
+        choices=["auto", "float32", "int8"],
+        default="auto",
+        help="the bounds' switch-term intervals: auto (this CPU's pick), or float32 / int8 to measure the "
+        "other path here (e.g. an AVX2-only machine's float32 intervals on one with fast int8 products)",
+    )
     args = parser.parse_args()
+    if args.intervals != "auto":
+        cell_bounds.int8_products_fast = lambda: args.intervals == "int8"
     compute_counterfactual = load_authors(args.authors)
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *a, **k: self  # the authors' code moves everything to the GPU
@@ -75,9 +84,13 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cpu})")
     fast = cell_bounds.int8_products_fast()
+    if args.intervals == "auto":
+        why = f"{'fast' if fast else 'slow'} int8 products measured here"
+    else:
+        why = f"--intervals {args.intervals}"
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}: the bounds' intervals from "
-        f"{'int8' if fast else 'float32'} products ({'fast' if fast else 'slow'} int8 products measured here)"
+        f"{'int8' if fast else 'float32'} products ({why})"
     )
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(

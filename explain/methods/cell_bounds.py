@@ -22,8 +22,9 @@ delta = ReLU(h1) - a1_0 and Delta = W2 delta, exactly (real arithmetic):
    gamma_n = n u / (1 - n u) for any order of summation (Higham, Accuracy and Stability, Eq. 3.5), doubled:
    half the exact product's cost, and a tighter interval. The inputs where no candidate of a chunk has a
    nonzero delta (first-layer units inactive at the anchor and in every candidate: about 40% on VGG-16 heads)
-   add exactly 0 and are left out of that product. Memory: W2 transposed and two buffers of its size are
-   kept with the layer (about 200 MB for VGG-16's 4096 x 4096 layer).
+   add exactly 0 and are left out of that product; the part of W2 a step's product uses is kept for the next
+   steps, which gather only the inputs new to them (``_Gathered``). Memory: W2 transposed and a buffer of its
+   size are kept with the layer (about 130 MB for VGG-16's 4096 x 4096 layer).
 
 The bound is within a few hundredths of the exact score on VGG-16 heads (the switch terms are few), so most
 candidates fall below the best exact score and never run the 4096 x 4096 layer in float32. It holds in real
@@ -33,6 +34,7 @@ arithmetic; the caller adds a slack for float32 rounding (``cell_search``'s marg
 from __future__ import annotations
 
 import functools
+import math
 import time
 import weakref
 
@@ -90,8 +92,8 @@ class TailBound:
     docstring). ``begin`` once per step, then ``upper`` per chunk of candidates. CPU, float32."""
 
     _quantized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    # W2 transposed, and two buffers for the float32 intervals' products, kept while the layer lives (a fresh
-    # 30 MB buffer page-faults at every step)
+    # W2 transposed, and a buffer of its size for the float32 products' submatrix (``_Gathered``), kept while
+    # the layer lives (a fresh 30 MB buffer page-faults at every step)
     _transposed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, l2: nn.Linear, l3: nn.Linear, int8: bool | None = None):
@@ -104,6 +106,7 @@ class TailBound:
         quantized = _kept(self._quantized, l2, key, lambda: self._quantize(weight))
         self.q_signed, self.row_scale, self.row_error, self.row_norm, self.exact_norm = quantized
         self.w2, self.w3 = packed_linear(l2), packed_linear(l3)  # the products of ``forward``
+        self.gathered, self._token = None, object()
 
     @staticmethod
     def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -149,32 +152,39 @@ class TailBound:
         self.g = w2.t() @ torch.where(active, w, torch.zeros_like(w))
         units = (w > 0).nonzero().squeeze(1)
         self.units = len(units)
-        # The switch term of unit k is max(0, sign_k Delta_k - |h2_0,k|), sign -1 if active, +1 if not. With
-        # Delta^_k = scale_k step_c (sign_k Wq_k . deltaq_c) and the error bound err_ck, it is at most
-        # scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into the int8
-        # rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
-        if not self.int8:  # W2's rows of these units in float32, and their signs (applied to the products)
-            transposed, self._columns, self._inputs = _kept(
-                self._transposed,
-                self.l2,
-                (w2._version, w2.device),
-                lambda: (w2.t().contiguous(), torch.empty(w2.numel()), torch.empty(w2.numel())),
-            )
-            shape = (w2.shape[1], len(units))
-            self.rows = torch.index_select(
-                transposed, 1, units, out=self._columns[: shape[0] * shape[1]].view(shape)
-            )
-            self.signs = torch.where(active[units], -1.0, 1.0)[None]
-            self.w = w[units]
-            self.offset = -h2[units].abs()[None]  # (1, units)
-            gamma = w2.shape[1] * _UNIT_ROUNDOFF / (1 - w2.shape[1] * _UNIT_ROUNDOFF)
-            self.errors = (2 * gamma * self.exact_norm[units])[None]  # (1, units): per unit of ||delta||
+        if self.int8:
+            # The switch term of unit k is max(0, sign_k Delta_k - |h2_0,k|), sign -1 if active, +1 if
+            # not. With Delta^_k = scale_k step_c (sign_k Wq_k . deltaq_c) and the error bound err_ck, it is
+            # at most scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into
+            # the int8 rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
+            self.q_rows = self.q_signed.index_select(
+                0, units + self.q_signed.shape[0] // 2 * active[units]
+            ).t()
+            scale = self.row_scale[units]
+            self.w = w[units] * scale
+            self.offset = -h2[units].abs()[None] / scale  # (1, units)
+            self.errors = torch.stack([self.row_error[units], self.row_norm[units]]) / scale  # (2, units)
             return
-        self.q_rows = self.q_signed.index_select(0, units + self.q_signed.shape[0] // 2 * active[units]).t()
-        scale = self.row_scale[units]
-        self.w = w[units] * scale
-        self.offset = -h2[units].abs()[None] / scale  # (1, units)
-        self.errors = torch.stack([self.row_error[units], self.row_norm[units]]) / scale  # (2, units)
+        # Float32 products: W2's rows of ``columns``, a superset of these units kept from step to step
+        # (``_Gathered``), unsigned; the sign multiplies the products, and the units of ``columns`` that are
+        # not among these get weight 0 (their terms are dropped, as above).
+        if self.gathered is None or self.gathered.owner[0] is not self._token:
+            source = _kept(self._transposed, self.l2, (w2._version, w2.device), self._gather_source)
+            self.gathered = _Gathered(*source)
+            self.gathered.owner[0] = self._token
+        columns = self.gathered.select(units, w)
+        self.signs = torch.where(active[columns], -1.0, 1.0)[None]
+        self.w = torch.where(w[columns] > 0, w[columns], torch.zeros_like(w[columns]))
+        self.offset = -h2[columns].abs()[None]  # (1, columns)
+        gamma = w2.shape[1] * _UNIT_ROUNDOFF / (1 - w2.shape[1] * _UNIT_ROUNDOFF)
+        self.errors = (2 * gamma * self.exact_norm[columns])[None]  # (1, columns): per unit of ||delta||
+
+    def _gather_source(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """For ``_Gathered``: W2 transposed (in, out), a buffer of its size, a spare buffer for the gathers,
+        and the buffers' owner."""
+        source = self.l2.weight.detach().t().contiguous()
+        spare = torch.empty(_Gathered.block * source.shape[1])
+        return source, torch.empty(source.numel()), spare, [None]
 
     def upper(self, h1: torch.Tensor) -> torch.Tensor:
         """(B,) upper bounds on the target's log-probability for first-layer pre-activations ``h1`` (B, out1);
@@ -186,15 +196,10 @@ class TailBound:
         size = torch.linalg.vector_norm(delta, dim=1)
         if not self.int8:  # sign_k Delta^_k - |h2_0,k| + the rounding bound of the float32 product
             sizes = (size * (1 + 1e-4))[:, None]  # rounded up: a float32 norm
-            used = delta.ne(0).any(dim=0).nonzero().squeeze(1)  # inputs where some candidate's delta is not 0
-            if len(used) < 0.9 * delta.shape[1]:  # the others add exactly 0: leave them out of the product
-                shape = (len(used), self.rows.shape[1])
-                rows = torch.index_select(
-                    self.rows, 0, used, out=self._inputs[: shape[0] * shape[1]].view(shape)
-                )
-                products = torch.mm(delta.index_select(1, used), rows)
-            else:
-                products = torch.mm(delta, self.rows)
+            # only the inputs where some candidate's delta is not 0 enter the product (the others add exactly
+            # 0): about 40% of them are left out on VGG-16 heads
+            rows, weights = self.gathered.rows(delta.ne(0).any(dim=0).nonzero().squeeze(1))
+            products = torch.mm(delta.index_select(1, rows), weights)
             switch = products.mul_(self.signs).add_(self.offset).addmm_(sizes, self.errors)
             return bound.add_(torch.mv(switch.relu_(), self.w))
         step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
@@ -205,6 +210,62 @@ class TailBound:
         sizes = torch.stack([size, residual], dim=1) * (1 + 1e-4)  # rounded up: float32 norms
         switch = torch.addmm(self.offset, sizes, self.errors).addcmul_(products.float(), step)
         return bound.add_(torch.mv(switch.relu_(), self.w))
+
+
+class _Gathered:
+    """``source[rows][:, columns]`` of a fixed (in, out) matrix (W2 transposed), kept from step to step
+    of a search: the second layer's units with w_k > 0 barely change from step to step (0 to 2 of about 2,000
+    on VGG-16 heads) nor do the inputs where some candidate's delta is not 0 (about 60 of 2,400 come and go),
+    so a step gathers only the new inputs instead of copying half of W2 twice. ``columns`` is a superset of
+    the step's units (the others get weight 0) and ``rows`` of the step's inputs (delta is 0 on the others);
+    either is gathered again from scratch when it would hold more than ``waste`` of them in excess. The buffer
+    is shared by the bounds of one layer: ``owner`` says whose submatrix it holds."""
+
+    waste = 0.1
+    block = 256  # rows gathered at once (through the spare buffer)
+
+    def __init__(self, source: torch.Tensor, buffer: torch.Tensor, spare: torch.Tensor, owner: list):
+        self.source, self.buffer, self.spare, self.owner = source, buffer, spare, owner
+        self.columns = None
+
+    def select(self, units: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The columns for a step whose units are ``units`` (increasing): the kept ones if they hold them all
+        with little excess, else (and no rows yet) ``units`` and, given the weights ``w`` (units: w > 0), the
+        next units by weight, half the excess allowed: a unit whose w comes close to 0 often turns positive at
+        a later step."""
+        if self.columns is not None and len(self.columns) <= (1 + self.waste) * len(units):
+            kept = torch.zeros(self.source.shape[1], dtype=torch.bool, device=units.device)
+            kept[self.columns] = True
+            if bool(kept[units].all()):
+                return self.columns
+        if w is not None and len(units):
+            count = min(len(w), int((1 + self.waste / 2) * len(units)))
+            near = torch.topk(torch.nan_to_num(w, nan=-math.inf), count).indices
+            units = torch.cat([units, near]).unique()  # increasing
+        self.columns = units
+        self.row_list = units.new_empty(0)
+        self.kept_rows = torch.zeros(self.source.shape[0], dtype=torch.bool, device=units.device)
+        return self.columns
+
+    def rows(self, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, source[rows][:, columns]) with ``rows`` holding every input of ``used``."""
+        width = len(self.columns)
+        new = used[~self.kept_rows[used]]
+        if len(self.row_list) + len(new) > (1 + self.waste) * len(used):
+            self.row_list, new = used.new_empty(0), used  # too many rows left from earlier steps: afresh
+            self.kept_rows.zero_()
+        out = self.source.shape[1]
+        for first in range(0, len(new), self.block):  # source's rows, then their columns, into the buffer
+            some = new[first : first + self.block]
+            begin = (len(self.row_list) + first) * width
+            whole = torch.index_select(self.source, 0, some, out=self.spare[: len(some) * out].view(-1, out))
+            torch.index_select(
+                whole, 1, self.columns, out=self.buffer[begin : begin + len(some) * width].view(-1, width)
+            )
+        if len(new):
+            self.row_list = torch.cat([self.row_list, new])
+            self.kept_rows[new] = True
+        return self.row_list, self.buffer[: len(self.row_list) * width].view(len(self.row_list), width)
 
 
 def _kept(cache: weakref.WeakKeyDictionary, layer: nn.Module, key: tuple, build):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from explain.methods import cell_bounds
-from explain.methods.cell_bounds import TailBound, mlp_tail
+from explain.methods.cell_bounds import TailBound, _Gathered, mlp_tail
 from explain.methods.cell_search import _Step, head_scorer
 from explain.methods.cve import CVE
 from explain.methods.semantic import SemanticCounterfactual
@@ -210,3 +210,76 @@ def test_the_cpu_check_for_fast_int8_products_is_a_measurement_made_once():
     first = cell_bounds.int8_products_fast()
     assert isinstance(first, bool) and cell_bounds.int8_products_fast() is first
     assert cell_bounds.int8_products_fast.cache_info().hits == 1
+
+
+def plain_bound(rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int) -> torch.Tensor:
+    """The float32 intervals' bound (cell_bounds' docstring) the plain way, in float64: every unit with
+    w_k > 0, every input, the exact Delta plus the same rounding allowance."""
+    (l2, l3), n = mlp_tail(rest), anchor.shape[0]
+    w2, b2, w3, b3 = (p.detach().double() for p in (l2.weight, l2.bias, l3.weight, l3.bias))
+    a1 = anchor.double().relu()
+    h2 = w2 @ a1 + b2
+    z = w3 @ h2.relu() + b3
+    v = -torch.softmax(z, dim=-1)
+    v[target] += 1
+    w = w3.t() @ v
+    delta = h1.double().relu() - a1
+    linear = torch.log_softmax(z, dim=-1)[target] + delta @ (w2.t() @ torch.where(h2 > 0, w, 0 * w))
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
+    switch = torch.where(h2 > 0, -1.0, 1.0) * (delta @ w2.t()) - h2.abs() + allowance
+    return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
+
+
+@pytest.mark.parametrize("seed", [*range(4), *FRESH])
+def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_step(seed, monkeypatch):
+    """The float32 products reuse W2's gathered rows and columns from step to step (``_Gathered``): on a walk
+    of anchors whose units and inputs come and go, with chunks of candidates that leave inputs out, every
+    bound is the plain one (float64, all units and inputs) to float32 rounding, and above the exact score."""
+    monkeypatch.setattr(cell_bounds, "int8_products_fast", lambda: False)
+    rest = tail(seed, (96, 64, 4))
+    bound = TailBound(*mlp_tail(rest))
+    exact_rest = copy.deepcopy(rest).double()
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(96, generator=generator)
+    target = seed % 4
+    # an earlier step that needed every unit: the next ones keep all columns, most with weight 0
+    monkeypatch.setattr(_Gathered, "waste", 1.5)
+    monkeypatch.setattr(_Gathered, "block", 16)  # several blocks per gather
+    bound.begin(hidden, target)
+    bound.gathered.select(torch.arange(64))
+    kept = excess = appended = 0
+    for _ in range(12):
+        hidden = hidden + 0.1 * torch.randn(96, generator=generator)  # the applied edit moves the anchor
+        columns = bound.gathered.columns
+        bound.begin(hidden, target)
+        kept += bound.gathered.columns is columns
+        excess += bound.gathered.columns is columns and bound.units < len(columns)
+        for _ in range(3):  # chunks of candidates; each leaves some inputs at delta 0 (inactive in all)
+            changes = 0.2 * torch.randn(50, 96, generator=generator)
+            changes[:, torch.rand(96, generator=generator) < 0.3] = 0
+            h1 = hidden + changes
+            h1[:, (hidden < 0) & (torch.rand(96, generator=generator) < 0.5)] = -1.0
+            before = len(bound.gathered.row_list)
+            upper = bound.upper(h1.clone()).double()
+            appended += 0 < before < len(bound.gathered.row_list)
+            plain = plain_bound(rest, hidden, h1, target)
+            assert torch.allclose(upper, plain, rtol=1e-5, atol=1e-5), float((upper - plain).abs().max())
+            with torch.no_grad():
+                exact = torch.log_softmax(exact_rest(h1.double()), dim=-1)[:, target]
+            assert (upper >= exact - 1e-5).all()
+    assert kept and excess and appended, (kept, excess, appended)  # the kept submatrix was really used
+
+
+@pytest.mark.parametrize("seed", [*range(4), *FRESH])
+def test_the_kept_columns_hold_every_unit_and_a_margin_of_near_ones(seed):
+    """A fresh column set is the units with w > 0 and the next by weight (``_Gathered.select``), within the
+    allowed excess; NaN weights (no unit) take no place."""
+    generator = torch.Generator().manual_seed(seed)
+    gathered = _Gathered(torch.zeros(8, 200), torch.empty(1600), torch.empty(800), [None])
+    w = torch.randn(200, generator=generator)
+    w[torch.randperm(200, generator=generator)[:30]] = float("nan")
+    units = (w > 0).nonzero().squeeze(1)
+    columns = gathered.select(units, w)
+    assert bool(torch.isin(units, columns).all()) and bool((columns.diff() > 0).all())
+    assert len(columns) <= (1 + _Gathered.waste) * len(units)
