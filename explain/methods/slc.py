@@ -213,7 +213,10 @@ class SLC(GenerativeMethod):
     def _traits(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h_enc of the classifier's spatial features weighted by the mask (bicubic to the feature grid,
         min-max normalised, as the release's SAE pipeline) and average-pooled."""
-        weight = F.interpolate(mask, size=features.shape[-2:], mode="bicubic", align_corners=False)
+        # torchvision's resize of a tensor, as the release calls it: bicubic with antialiasing
+        weight = F.interpolate(
+            mask, size=features.shape[-2:], mode="bicubic", align_corners=False, antialias=True
+        )
         low = weight.flatten(1).min(1).values.view(-1, 1, 1, 1)
         weight = weight - low
         weight = weight / weight.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1, 1)

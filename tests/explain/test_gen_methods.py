@@ -543,6 +543,39 @@ def test_slc_mask_follows_the_released_rule_on_a_hand_made_gradient(only_positiv
     assert len(np.unique(expected[expected > 0])) > 2  # a soft mask, not a binary one
 
 
+def test_slc_trait_codes_weight_the_features_by_the_mask_as_released():
+    """Eq. (7) as in the release's SAE pipeline: the mask resized to the feature grid by torchvision's
+    bicubic resize, min-max normalised, multiplies the spatial features before the average pool and h_enc;
+    the reference codes are those of the reconstruction D(E(x))."""
+    tv = pytest.importorskip("torchvision.transforms.functional")
+    method = build("slc")
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 1:4, 2:6] = torch.tensor([0.5, 0.8, 1.0, 0.6])
+    features = torch.randn(1, 8, 3, 3, generator=g)
+    weight = tv.resize(mask[:, 0], [3, 3], interpolation=tv.InterpolationMode.BICUBIC)
+    weight = (weight - weight.min()) / (weight - weight.min()).max()
+    expected = method._sae.h_enc((features * weight[:, None]).mean(dim=(-2, -1)))
+    torch.testing.assert_close(method._traits(features, mask), expected, rtol=1e-5, atol=1e-6)
+
+    model, x = tiny_classifier(), images(1, seed=2)
+    calls = []
+    real = SLC._traits
+
+    def spy(self, feats, m):
+        calls.append(feats.detach().clone())
+        return real(self, feats, m)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SLC, "_traits", spy)
+        (r,) = method.explain_batch(model, x, [1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reconstruction = decode(method._vae, encode(method._vae, x), 1)
+        torch.testing.assert_close(calls[0], model.f(reconstruction), rtol=1e-5, atol=1e-6)
+    # then one call per stage-2 step that updates (not the step that completes the stopping run)
+    assert len(calls) == 1 + int(r.timings["stage2_steps"]) - int(r.timings["stage2_stopped_by_rule"])
+
+
 @pytest.mark.parametrize(("n", "sigma"), [(7, 0.5), (14, 3.0), (5, 3.0), (9, 1.3)])
 def test_slc_blur_matrix_equals_scipy_gaussian_filter1d(n, sigma):
     """Reflect borders (d c b a | a b c d), radius int(4 sigma + 0.5), also when the radius exceeds n."""
