@@ -17,6 +17,8 @@ z_edit = z + dz (Eq. 1), x_cf = D(z_edit) (Eq. 2), L_cf = lambda_c L_class(x_cf,
   (a soft mask).
 - The counterfactual is D(z + dz o M) with the final stage-2 dz and no perturbation.
 - The L1 terms are means over elements (``nn.L1Loss``); the sparsity term is on dz, not dz o M.
+- The trait loss (with an SAE) compares the SAE codes of the classifier's pooled features weighted by the
+  mask, of the edit and of the reconstruction D(E(x)), as the release's ``SAELatentEditPipeline``.
 - Latents are in the autoencoder's own units (its posterior mean, before the diffusion scaling factor), so
   ``lr`` and ``perturbation`` mean what they mean in the release on the same autoencoder.
 
