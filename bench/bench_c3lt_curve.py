@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--width", type=int, default=None, help="the maps' hidden units (default: the release's)")
     p.add_argument("--shipped", default="explain/shipped/fashion-mnist")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{'step':>6} {'flip_rate':>9} {'l1':>7} {'seconds':>8} {'load':>5}", flush=True)
 
     def progress(done: int, total: int) -> None:
-        if done % args.every and done != total:  # step 0: the maps are the identity (the autoencoder's L1)
+        if done % args.every and done != total:  # step 0: the untrained maps (the release's initialisation)
             return
         g, h = maps[-2], maps[-1]
         card = c3lt_card(c3lt.C3LTMaps(g=g, h=h, class_a=a, class_b=b), vae, model, tx[ty == a], tx[ty == b])

@@ -97,7 +97,16 @@ def backbones(cache: Path, x: torch.Tensor, y: torch.Tensor, split, budget: dict
         d = cache / f"c3lt_{a}_{b}"
         if not d.is_dir():
             train_c3lt_maps(
-                out["vae"], split, x[y == a][:3000], x[y == b][:3000], a, b, d, budget["c3lt"], generator=g
+                out["vae"],
+                split,
+                x[y == a][:3000],
+                x[y == b][:3000],
+                a,
+                b,
+                d,
+                budget["c3lt"],
+                batch_size=32,
+                generator=g,
             )
         out[(a, b)] = load_c3lt_maps(d)
     return out

@@ -63,11 +63,6 @@ BUDGETS = {
         min_learning_seconds=1.0,
         semantic_pool=2,
         shipped=True,
-        quality_override=(
-            "make demo on a 2-core CPU: the shipped C3LT maps Shirt <-> T-shirt (1,000 CPU steps; the "
-            "authors train 200 epochs) miss their L1 bar; the report names every backbone that fails its "
-            "quality card beside the conditions that used it"
-        ),
         backbone_params={
             "auxiliary": {"epochs": 3, "limit": 500},
             "autoencoder": {
@@ -89,7 +84,7 @@ BUDGETS = {
                 "block_out_channels": [16, 32],
             },
             "sae": {"steps": 300, "batch_size": 128, "limit_per_class": 300},
-            "c3lt_maps": {"steps": 150, "batch_size": 16, "limit_per_class": 300, "width": 32},
+            "c3lt_maps": {"steps": 150, "batch_size": 16, "limit_per_class": 300},
         },
     ),
     "tiny": DemoBudget(

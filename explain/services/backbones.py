@@ -461,7 +461,7 @@ def c3lt_maps_train(
     batch_size: int | None = None,
     limit_per_class: int | None = None,
     lr: float = 1e-3,
-    width: int = 64,
+    width: int | None = None,
     seed: int = 0,
     autoencoder_params: dict[str, Any] | None = None,
     progress: Progress | None = None,

@@ -39,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="default: the Django trainer's for the kind")
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64], help="diffusers block_out_channels")
-    p.add_argument("--width", type=int, default=32, help="classifier / auxiliary / C3LT map width")
+    p.add_argument(
+        "--width", type=int, default=32,
+        help="classifier / auxiliary width (C3LT's maps are as released: hidden width = the latent size)",
+    )  # fmt: skip
     p.add_argument("--pair", type=int, nargs=2, metavar=("A", "B"), help="class indices (c3lt_maps)")
     p.add_argument("--l1", type=float, default=1e-3, help="the SAE's sparsity weight lambda (Eq. 6)")
     p.add_argument(
@@ -253,7 +256,7 @@ def train_c3lt_kind(args, out: Path) -> dict[str, Any]:
     split = pixel_classifier(out.parent / "classifier")
     train_c3lt_maps(
         vae, split, x[y == a], x[y == b], a, b, out, args.steps, batch_size=args.batch_size, lr=args.lr,
-        width=args.width, generator=_generator(args), progress=_progress("c3lt_maps"),
+        generator=_generator(args), progress=_progress("c3lt_maps"),
         data_note=f"classes {a} and {b} of the training split",
     )  # fmt: skip
     return _record(out)

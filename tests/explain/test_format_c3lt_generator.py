@@ -13,7 +13,7 @@ from torch import nn
 
 from explain.methods.c3lt import C3LT
 from explain.nets.autoencoder import decode, encode
-from explain.nets.c3lt_maps import C3LTMaps, LatentMap
+from explain.nets.c3lt_maps import C3LTMaps, LatentMap, apply_n
 from explain.nets.formats.c3lt_generator import load_generator_pair
 from explain.nets.formats.common import FormatError
 
@@ -98,16 +98,14 @@ def test_c3lt_runs_on_the_pair(tmp_path):
     g, e = write_pair(tmp_path, "dcgan-state-dict")
     pair = load_generator_pair(tmp_path)
     torch.manual_seed(3)
-    forward, backward = LatentMap(LATENT, 8), LatentMap(LATENT, 8)
-    for m in (forward, backward):
-        nn.init.normal_(m.net[-1].weight, std=0.1)
+    forward, backward = LatentMap(LATENT), LatentMap(LATENT)  # the release's maps on its (D, 1, 1) codes
     maps = C3LTMaps(g=forward.eval(), h=backward.eval(), class_a=0, class_b=1)
     method = C3LT(autoencoder=pair, maps=maps)
     x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     first = method.explain(tiny_classifier(), x, 1, generator=torch.Generator().manual_seed(5))
     again = method.explain(tiny_classifier(), x, 1, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():  # Eq. (1): x' = G(g(E(x))), in [0, 1]
-        expected = (g(forward(e(2 * x - 1))) + 1) / 2
+        expected = (g(apply_n(forward, e(2 * x - 1), 1)) + 1) / 2
     assert first.image.shape == (1, 28, 28)
     np.testing.assert_array_equal(first.image, again.image)  # one forward pass: no randomness
     np.testing.assert_allclose(first.image, expected[0].numpy(), rtol=1e-5, atol=1e-5)

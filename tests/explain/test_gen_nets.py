@@ -15,7 +15,7 @@ from explain.methods.rcsb import RCSB
 from explain.methods.slc import SLC
 from explain.nets.autoencoder import autoencoder_config, decode, encode, load_autoencoder, train_autoencoder
 from explain.nets.bridge import bridge_config, load_bridge, train_bridge
-from explain.nets.c3lt_maps import load_c3lt_maps, train_c3lt_maps
+from explain.nets.c3lt_maps import apply_n, load_c3lt_maps, train_c3lt_maps
 from explain.nets.diffusion import denoiser_config, load_denoiser, train_denoiser
 from explain.nets.discriminator import load_discriminator
 from explain.nets.sae import load_sae, train_sae
@@ -238,36 +238,58 @@ def test_a_matryoshka_sae_reconstructs_from_its_first_latents_better_than_a_plai
     assert errors["matryoshka"] < 0.7 * errors["plain"], errors
 
 
-def test_c3lt_cycle_term_includes_every_layer_it_claims():
-    """Eq. (6) by hand: the L1 of f's outputs after every activation and at its end (the tiny f: ReLU at 1,
-    its last child at 4), plus the pixel and latent terms; l_cyc equals it."""
-    from explain.nets.c3lt_maps import c3lt_loss, cycle_layers
+def test_c3lt_maps_are_the_releases_two_layer_net_with_norm_preserving_steps():
+    """T = Linear(D, D), ReLU, Linear(D, D) on the flattened code; a step z + T(z) is rescaled to the norm of
+    the code the walk started from (also at the second step)."""
+    from torch import nn
+
+    from explain.nets.c3lt_maps import LatentMap, apply_n
+
+    g = tiny_maps().g
+    assert [type(m) for m in g.net] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert g.net[0].in_features == g.net[0].out_features == g.net[2].out_features == 4 * 8 * 8
+    assert LatentMap(12, width=5).net[0].out_features == 5
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    norm = z.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        one = z + g.net(z.flatten(1)).view_as(z)
+        one = one * norm / one.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        two = one + g.net(one.flatten(1)).view_as(z)
+        two = two * norm / two.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        torch.testing.assert_close(apply_n(g, z, 1), one)
+        torch.testing.assert_close(apply_n(g, z, 2), two)
+    assert not torch.allclose(one, z)  # default initialisation: the untrained map moves the code
+
+
+def test_c3lt_cycle_term_is_the_releases():
+    """Eq. (6) as released: the mean of the L1 of f's ReLU outputs (the tiny f: one ReLU, at 1) and the pixel
+    L1 (on [-1, 1]), then the mean of that and the latent L1; nested Sequentials are walked in order."""
+    from torch import nn
+
+    from explain.nets.c3lt_maps import apply_n, c3lt_loss, cycle_layers
     from explain.nets.discriminator import Discriminator
 
     vae, model, x = tiny_vae(), tiny_classifier(), images(3)
-    layers = cycle_layers(model.f)
-    relus = [i for i, m in enumerate(model.f) if isinstance(m, torch.nn.ReLU)]
-    assert layers == sorted({*relus, len(model.f) - 1}) and len(layers) >= 2
+    assert cycle_layers(model.f) == [1]
+    nested = nn.Sequential(nn.Identity(), nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1)))
+    assert cycle_layers(nested) == [2]
+    assert cycle_layers(nn.Identity()) == [-1] and cycle_layers(nn.Sequential(nn.Conv2d(1, 1, 1))) == [-1]
     maps = tiny_maps()
     with torch.no_grad():
         _, parts, _, x_cyc = c3lt_loss(
             x, 1, maps.g, maps.h, vae, model, Discriminator(in_channels=1), n=1, alpha=0.1, beta=0.1, gamma=0
         )
         z_x = encode(vae, x)
-        z_cyc = maps.h(maps.g(z_x))
-        expected = 2 * (x_cyc - x).abs().mean() + (z_x - z_cyc).abs().mean()  # pixels on [-1, 1]
-        a, b = x_cyc, x
-        for i, child in enumerate(model.f):
-            a, b = child(a), child(b)
-            if i in layers:
-                expected = expected + (a - b).abs().mean()
+        z_cyc = apply_n(maps.h, apply_n(maps.g, z_x, 1), 1)
+        relu = (model.f[1](model.f[0](x_cyc)) - model.f[1](model.f[0](x))).abs().mean()
+        perceptual = (relu + 2 * (x_cyc - x).abs().mean()) / 2  # pixels on [-1, 1]
+        expected = (perceptual + (z_x - z_cyc).abs().mean()) / 2
     assert parts["cyc"] == pytest.approx(float(expected), rel=1e-5)
-    assert cycle_layers(torch.nn.Identity()) == [-1]
 
 
-def test_c3lt_proximity_l1_is_measured_on_the_papers_image_scale():
-    """Eq. (5)'s L1 on the paper's [-1, 1] images: 2 |x - x'| of our [0, 1] images (the release normalises
-    with mean 0.5, std 0.5), whatever the images."""
+def test_c3lt_proximity_is_the_releases_on_the_papers_image_scale():
+    """Eq. (5) as released: (L1 + 10 L_smth + L_entr) / 12 on the mask (x' - x)^2 normalised to [0, 1] per
+    image; its L1 on the paper's [-1, 1] images: 2 |x - x'| of our [0, 1] images."""
     from explain.nets.c3lt_maps import c3lt_loss
     from explain.nets.discriminator import Discriminator
 
@@ -279,21 +301,58 @@ def test_c3lt_proximity_l1_is_measured_on_the_papers_image_scale():
     on_paper_scale = ((2 * x - 1) - (2 * x_prime - 1)).abs().mean()
     assert float(on_paper_scale) > 0.01
     assert parts["prx_l1"] == pytest.approx(float(on_paper_scale), rel=1e-5)
+    m = (x_prime - x).pow(2)[:, 0]
+    lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+    m = (m - lo) / (hi - lo)
+    dy, dx = (m[:, 1:] - m[:, :-1]) ** 2, (m[:, :, 1:] - m[:, :, :-1]) ** 2
+    smooth = (dy.mean((1, 2)) + dx.mean((1, 2))) / 2
+    entropy = torch.minimum(m, 1 - m).mean()
+    expected = (on_paper_scale + 10 * smooth.mean() + entropy) / 12
+    assert parts["prx"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_c3lt_discriminator_is_trained_first_and_frozen_while_the_maps_train(tmp_path):
+    """The release's discriminator is its GAN's, never updated by the maps' training: with the same seed,
+    2 and 5 map steps leave the same discriminator (and different maps)."""
+    vae, model, x = tiny_vae(), tiny_classifier(), images(8)
+    saved = {}
+    for steps in (2, 5):
+        maps = train_c3lt_maps(
+            vae, model, x[:4], x[4:], 0, 1, tmp_path / str(steps), steps, batch_size=2, discriminator_steps=3
+        )
+        saved[steps] = (load_discriminator(tmp_path / str(steps) / "discriminator"), maps)
+    for a, b in zip(saved[2][0].parameters(), saved[5][0].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(saved[2][1].g.net[0].weight, saved[5][1].g.net[0].weight)
+    record = json.loads((tmp_path / "5" / "training.json").read_text())
+    assert record["hyperparameters"]["discriminator_steps"] == 3
 
 
 def test_c3lt_trained_on_a_toy_pair_cycles_back_near_the_start(tmp_path):
     """Trained on a toy pair (dark and bright images), h(g(z)) returns near z: its error is a small fraction
-    of what the same training gives without the cycle term (beta = 0)."""
+    of what the same training gives without the cycle term (beta = 0). The release's cycle loss is a mean of
+    its terms, so 50 steps show it with a strong weight (beta = 10)."""
     vae, model = tiny_vae(), tiny_classifier()
     g = torch.Generator().manual_seed(3)
     a = torch.rand(32, 1, SIZE, SIZE, generator=g) * 0.3
     b = 0.7 + torch.rand(32, 1, SIZE, SIZE, generator=g) * 0.3
     errors = {}
-    for beta in (1.0, 0.0):
+    for beta in (10.0, 0.0):
         maps = train_c3lt_maps(
-            vae, model, a, b, 0, 1, tmp_path / str(beta), 50, batch_size=8, beta=beta, lr=1e-2
+            vae,
+            model,
+            a,
+            b,
+            0,
+            1,
+            tmp_path / str(beta),
+            50,
+            batch_size=8,
+            beta=beta,
+            lr=1e-2,
+            discriminator_steps=10,
         )
         with torch.no_grad():
             z = encode(vae, a[:8])
-            errors[beta] = float((maps.h(maps.g(z)) - z).abs().mean())
-    assert errors[1.0] < 0.1 * errors[0.0], errors
+            errors[beta] = float((apply_n(maps.h, apply_n(maps.g, z, 1), 1) - z).abs().mean())
+    assert errors[10.0] < 0.35 * errors[0.0], errors
