@@ -95,6 +95,9 @@ def main() -> None:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     print(f"`make demo` on {device()}, budget {args.budget}, {args.simulate} simulated raters")
     print(f"(logs in {work})")
+    if args.keep:
+        kept = f"DATABASE_URL={base}/{name} DJANGO_MEDIA_ROOT={work / 'media'} FOIL_DATA_ROOT={work / 'data'}"
+        print(f"kept: {kept}")
     print(f"{'run':<64} {'seconds':>9} {'minutes':>8} {'load avg':>9}")
     for label, seconds, load in rows:
         print(f"{label:<64} {seconds:>9.1f} {seconds / 60:>8.1f} {load:>9.1f}")
