@@ -35,7 +35,7 @@ from explain.methods.c3lt import C3LT
 from explain.methods.ldce import LDCE
 from explain.methods.rcsb import RCSB
 from explain.methods.slc import SLC
-from explain.nets.autoencoder import autoencoder_config, load_autoencoder, new_autoencoder
+from explain.nets.autoencoder import autoencoder_config, encode, load_autoencoder, new_autoencoder
 from explain.nets.bridge import BridgeSchedule, InpaintingBridge, bridge_config, load_bridge
 from explain.nets.c3lt_maps import C3LTMaps, LatentMap, load_c3lt_maps
 from explain.nets.classifiers import build_classifier, split_classifier
@@ -75,7 +75,7 @@ def embedded_models(backbones: Path | None, tiny: bool) -> tuple[dict, str]:
         denoiser=denoiser_config(10, 4, 14, (16, 32) if tiny else (32, 64), norm_num_groups=16),
         bridge=bridge_config(1, 28, blocks, norm_num_groups=8),
         d_features=2 * width,
-        latent_channels=4,
+        shape=(1, 28, 28),
     )
     return {"split": classifier.split(), "shape": (1, 28, 28), **nets}, "random weights"
 
@@ -89,15 +89,17 @@ def paper_models() -> tuple[dict, str]:
         denoiser=denoiser_config(200, 4, 32, (224, 448, 672, 896), norm_num_groups=32),
         bridge=bridge_config(3, 256, (128, 128, 256, 256, 512, 512), norm_num_groups=32),
         d_features=2048,
-        latent_channels=4,
+        shape=(3, 256, 256),
     )
     return {"split": split_classifier(resnet, "resnet50"), "shape": (3, 256, 256), **nets}, "random weights"
 
 
 def random_backbones(
-    *, autoencoder: dict, denoiser: dict, bridge: dict, d_features: int, latent_channels: int
+    *, autoencoder: dict, denoiser: dict, bridge: dict, d_features: int, shape: tuple[int, int, int]
 ) -> dict:
     vae = new_autoencoder(autoencoder).eval()
+    with torch.no_grad():  # C3LT's maps act on the flattened latent code (the release's 2-layer maps)
+        latent_dim = encode(vae, torch.zeros(1, *shape)).numel()
     unet = UNet2DModel(**denoiser).eval()
     return {
         "vae": vae,
@@ -105,7 +107,7 @@ def random_backbones(
         "bridge": InpaintingBridge(unet=UNet2DModel(**bridge).eval(), schedule=BridgeSchedule()),
         "sae": SparseAutoencoder(d_in=d_features).eval(),
         "maps": C3LTMaps(
-            g=LatentMap(latent_channels).eval(), h=LatentMap(latent_channels).eval(), class_a=0, class_b=1
+            g=LatentMap(latent_dim).eval(), h=LatentMap(latent_dim).eval(), class_a=0, class_b=1
         ),
     }
 
