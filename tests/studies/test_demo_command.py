@@ -81,6 +81,9 @@ def test_demo_starts_site_and_worker_and_prints_where_to_go(scratch_database, mo
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # started with SIGINT ignored, as a script's background job is (and a child of a process that ignores
+        # it): Ctrl-C must still stop the demo
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         output = read_until(process, "Press Ctrl-C to stop.")

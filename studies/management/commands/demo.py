@@ -86,6 +86,9 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, host: str, port: int, budget: str, simulate: int, **options) -> None:
+        # Ctrl-C (SIGINT) stops the demo even if it started with SIGINT ignored, as a background job
+        # of a script does (a child inherits it): Python then installs no KeyboardInterrupt handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         say = self._say
         if simulate < 0:
             raise CommandError(f"--simulate takes a number of raters >= 0, not {simulate}")
