@@ -33,7 +33,6 @@ def test_thinning_matches_the_plain_reference(seed):
 def test_the_three_sources_share_one_record():
     trained = provenance.trained(data={"images": 3}, params={"seed": 1}, seconds=2.04, losses=[3.0, 2.0, 1.5])
     assert TRAINED <= set(trained) and trained["source"] == "trained" and trained["final_loss"] == 1.5
-    assert trained["seconds"] == 2.0  # the given duration, recorded to 0.1 s (nothing here is timed)
     registered = provenance.registered("/models/vgg.pt", num_classes=200)
     assert COMMON <= set(registered) and registered["found"] == {"num_classes": 200}
     entry = {
