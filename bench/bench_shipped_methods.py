@@ -1,6 +1,7 @@
 """The generative methods at their paper defaults on the shipped backbones (explain/shipped/), on held-out
-test images of the demo's class pairs: flip rate, L1, region area, NFE and seconds per counterfactual, one
-row per method and direction. Django-free.
+test images of the demo's class pairs: flip rate (on the 8-bit image a rater is shown), L1, region area, NFE,
+seconds per counterfactual and the fraction of raw pixels outside [0, 1] before the clamp, one row per method
+and direction. Django-free.
 
     .venv/bin/python bench/bench_shipped_methods.py [--n 10] [--methods c3lt slc ldce-cls rcsb] [--threads 1]
         [--set rcsb.steps=25 ...]   # a departure from the paper, printed in the table's header
@@ -84,7 +85,8 @@ def main() -> None:
     }
     departures = f" except {overrides}" if overrides else ""
     print(f"shipped models, paper defaults{departures}; n {args.n} per direction")
-    print(f"{'method':<9} {'direction':<24} {'flip':>5} {'L1':>6} {'area':>5} {'NFE':>5} {'s/cf':>6}")
+    header = f"{'flip':>5} {'L1':>6} {'area':>5} {'NFE':>5} {'s/cf':>6} {'raw out':>7}"
+    print(f"{'method':<9} {'direction':<24} {header}")
     totals: dict[str, list[float]] = {}
     for method in args.methods:
         for (a, b), folder in pairs.items():
@@ -102,9 +104,10 @@ def main() -> None:
                 direction = f"{NAMES[source][:10]} -> {NAMES[target][:10]}"
                 l1 = np.mean([r.timings["l1"] for r in results])
                 area = np.mean([r.timings["region_area"] for r in results])
+                out = np.mean([r.timings["raw_out_of_range"] for r in results])
                 print(
                     f"{method:<9} {direction:<24} {np.mean(flips):>5.2f} {l1:>6.3f} {area:>5.2f} {nfe:>5.0f} "
-                    f"{seconds:>6.2f}",
+                    f"{seconds:>6.2f} {out:>7.2f}",
                     flush=True,
                 )
     for method, flips in totals.items():

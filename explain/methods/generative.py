@@ -51,6 +51,11 @@ class Generated:
     extra: dict[str, list[float]] = field(default_factory=dict)  # per-item numbers for timings
 
 
+def shown_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the 8-bit pixels a stimulus stores (round half to even, as the worker's PNG)."""
+    return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
 class GenerativeMethod(CounterfactualMethod):
     """Base of the generative methods: subclasses implement ``_noise`` (per item) and ``_generate``
     (batch)."""
@@ -148,10 +153,15 @@ class GenerativeMethod(CounterfactualMethod):
         seconds: float,
         aux: nn.Module | None,
     ) -> list[Counterfactual]:
-        x_cf = out.x_cf.detach()
+        # What a rater is shown: the image clamped to [0, 1] and stored as 8-bit pixels. The decision, the
+        # scores, L1 and the region are those of that image, never of out-of-range values that a decoder
+        # may produce and the classifier may react to (every release clamps its final image).
+        raw = out.x_cf.detach()
+        out_of_range = ((raw < 0) | (raw > 1)).flatten(1).float().mean(1)
+        x_cf = raw.clamp(0.0, 1.0)
         with torch.no_grad():
             p_query = torch.softmax(model.g(model.f(x)), -1)
-            p_cf = torch.softmax(model.g(model.f(x_cf)), -1)
+            p_cf = torch.softmax(model.g(model.f(shown_pixels(x_cf))), -1)
         if out.region is None:
             region, thresholds = change_region(x, x_cf, self.region_threshold, self.region_sigma)
         else:
@@ -162,6 +172,7 @@ class GenerativeMethod(CounterfactualMethod):
             target = int(y[i])
             timings = {"seconds": seconds, "l1": float((x[i] - x_cf[i]).abs().mean())}
             timings["region_area"] = float(region[i].mean())
+            timings["raw_out_of_range"] = float(out_of_range[i])  # before the clamp
             timings["region_threshold"] = thresholds[i]
             for network, counts in out.nfe.items():
                 timings[f"nfe_{network}"] = float(counts[i])
