@@ -201,3 +201,18 @@ def test_the_result_is_clamped_to_the_image_range():
         assert r.image.min() >= 0.0 and r.image.max() <= 1.0
         assert np.isin(r.image[0][inside], [0.0, 1.0]).mean() > 0.9  # pushed past the range, then clamped
         assert math.isfinite(float(r.image.sum()))
+
+
+def test_the_plain_name_runs_at_the_release_defaults_and_the_demo_variant_changes_only_cells_and_area():
+    """scripts/run.sh and the imagenet_cava configs: s 1.5, start_step 600 of 1000, nfe 100, cell 16,
+    area 0.3; Captum: 50 IG steps; noise_tunnel: 5 samples (Captum's default), stdevs 0.05; Adam at
+    PyTorch's."""
+    from explain.methods import registered
+
+    config = RCSB(bridge=InpaintingBridge(unet=ZeroNet(), schedule=BridgeSchedule())).config()
+    expected = {"steps": 100, "tau": 0.6, "s": 1.5, "cell_size": 16, "area": 0.3, "ig_steps": 50}
+    expected |= {"smooth_samples": 5, "smooth_sigma": 0.05, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8}
+    assert {k: config[k] for k in expected} == expected
+    demo = registered("rcsb-28px")
+    assert demo.config() == {"cell_size": 4, "area": 0.4}
+    assert demo.variant.demo_budget == "full"
