@@ -1,7 +1,8 @@
 """Flip rates of the generative methods on the demo's learning images, through the worker's own path.
 
-Builds what `make demo` builds up to the precompute (the embedded Fashion-MNIST, the shipped models registered
-after their checksums, the demo study with its mined class pairs), takes each pair's learning candidates (the
+Builds what `make demo` builds up to the precompute (the embedded Fashion-MNIST, the budget's models: for the
+full budget the shipped ones registered after their checksums, for the tiny one the classifier trained here
+and the shipped bridge; the demo study with its mined class pairs), takes each pair's learning candidates (the
 first n_learning x semantic_pool image pairs of the plan's seeded stream: the random setup shows the first
 n_learning, the consistent setup picks from all of them) and explains every query with each method through
 ``explain.precompute.worker.explain_pair`` (the seed of the unit a plan would give it). Prints one row per
@@ -14,6 +15,7 @@ method and pair: flip rate, L1, region area, NFE, seconds per counterfactual, an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -29,7 +31,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=GENERATIVE, help="methods or variants to measure")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--budget", default="full", help="the demo budget whose study and pairs are used")
+    parser.add_argument(
+        "--budget", default="full", help="the demo budget whose models, study and pairs are used"
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="image pairs per class pair (default: the learning candidates, n_learning x semantic_pool)",
+    )
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        help="constructor arguments over each method's own, as JSON (e.g. '{\"s\": 1.5}'), as a study's "
+        "method_config gives them",
+    )
     args = parser.parse_args()
 
     import django
@@ -44,8 +61,7 @@ def main() -> None:
     from explain.precompute.planning import _stream_length, candidate_stream
     from explain.precompute.units import explanation_key, method_backbones, unit_seed
     from explain.precompute.worker import explain_pair
-    from explain.services import shipped_models_prepare
-    from studies.demo import BUDGETS, demo_dataset, demo_methods, demo_study
+    from studies.demo import BUDGETS, demo_dataset, demo_methods, demo_models, demo_study
     from studies.management.commands.demo import database_ensure
 
     torch.set_num_threads(args.threads)
@@ -55,20 +71,22 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     budget = BUDGETS[args.budget]
     dataset = demo_dataset(budget=budget)
-    classifier = shipped_models_prepare(dataset=dataset, retrain=False, say=lambda s: None)
+    classifier = demo_models(dataset=dataset, budget=budget, say=lambda s: None)
     runnable, _ = demo_methods(budget)
     study = demo_study(classifier=classifier, budget=budget, methods=sorted({*runnable, *args.methods}))
     pool = budget.semantic_pool
     conditions = {c.method: c for c in study.conditions.all()}
     print(
-        f"demo study {study.title!r}: {study.n_learning} x {pool} learning candidates per pair "
+        f"demo study {study.title!r}: {args.candidates or f'{study.n_learning} x {pool} learning'} "
+        "candidates per pair "
         f"(classifier test accuracy {classifier.test_accuracy:.3f}); worker path, one unit seed each"
     )
     print(f"{'method':<18} {'pair':<22} {'flip':>5} {'L1':>6} {'area':>5} {'NFE':>5} {'s/cf':>6} {'load':>5}")
     totals: dict[str, list[float]] = {}
     for pair in study.pairs.select_related("class_a", "class_b").order_by("id"):
-        stream = candidate_stream(study=study, pair=pair, length=_stream_length(study, pool))
-        candidates = stream[: study.n_learning * pool]
+        count = args.candidates or study.n_learning * pool
+        stream = candidate_stream(study=study, pair=pair, length=max(count, _stream_length(study, pool)))
+        candidates = stream[:count]
         images = Image.objects.in_bulk([i for q_d in candidates for i in q_d])
         for method in args.methods:
             condition = conditions.get(method) or next(iter(conditions.values()))
@@ -80,7 +98,7 @@ def main() -> None:
                 result = explain_pair(
                     classifier=classifier,
                     method_name=method,
-                    method_config={},
+                    method_config=args.config,
                     query_image=images[query],
                     distractor_image=images[distractor],
                     class_a=pair.class_a.index,
