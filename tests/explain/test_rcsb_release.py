@@ -216,3 +216,13 @@ def test_the_plain_name_runs_at_the_release_defaults_and_the_demo_variant_change
     demo = registered("rcsb-28px")
     assert demo.config() == {"cell_size": 4, "area": 0.4}
     assert demo.variant.demo_budget == "full"
+
+
+def test_the_tiny_demo_variant_departs_only_for_its_cpu_budget():
+    """rcsb-cpu-tiny (the tiny demo in make test) keeps s and tau as released: the shipped bridge it runs on
+    carries the guidance (tests/studies/test_demo_tiny_models.py), so no larger step stands in for it."""
+    from explain.methods import registered
+
+    tiny = registered("rcsb-cpu-tiny")
+    assert tiny.config() == {"steps": 10, "area": 0.5, "cell_size": 4, "ig_steps": 4, "smooth_samples": 1}
+    assert tiny.variant.demo_budget == "tiny"
