@@ -226,3 +226,16 @@ def test_the_tiny_demo_variant_departs_only_for_its_cpu_budget():
     tiny = registered("rcsb-cpu-tiny")
     assert tiny.config() == {"steps": 10, "area": 0.5, "cell_size": 4, "ig_steps": 4, "smooth_samples": 1}
     assert tiny.variant.demo_budget == "tiny"
+
+
+def test_sixteen_pixel_cells_on_28_pixels_favour_the_one_full_cell():
+    """rcsb-28px's reason: on 28 pixels the release's 16-pixel cells are one full cell (top-left, 256 pixels)
+    and three partial ones (192, 192, 144 pixels), so an attribution spread evenly over the image gives the
+    top-left block the region at area 0.3; 4-pixel cells tile 28 pixels exactly (7 x 7)."""
+    from explain.methods.rcsb import area_cells, cell_grid, cell_scores
+
+    even = torch.ones(1, 28, 28)
+    assert cell_grid((28, 28), 16) == (2, 2)
+    assert cell_scores(even, 16)[0].tolist() == [[256.0, 192.0], [192.0, 144.0]]
+    assert area_cells(cell_scores(even, 16), 0.3)[0].tolist() == [[True, False], [False, False]]
+    assert cell_grid((28, 28), 4) == (7, 7) and cell_scores(even, 4).unique().tolist() == [16.0]
