@@ -171,12 +171,12 @@ DECLARATION = MethodDeclaration(
             overrides={"cell_size": 4, "area": 0.4},
             reason="28-pixel images. Cells: the release gives the cell in pixels (16 on its 128-pixel "
             "CelebA as on its 256-pixel ImageNet), and on 28 pixels 16-pixel cells are one full and three "
-            "partial cells (the release refuses such a side): at area 0.3 the region is the top-left 16 x 16 "
-            "block for 58 of the demo's 60 learning queries, whatever the garment. 4-pixel cells are the "
-            "classifier's 7 x 7 feature grid. Area: with 4-pixel cells and the release's area 0.3 the "
-            "guidance flips 45 of the 60 on the shipped backbones, and a larger scale does not help (s 6 and "
-            "s 12: 51); the region's size does: area 0.4 flips 52 to 55 of 60 with 39% of the image changed "
-            "(the unit seeds differ between databases; 0.5: 56 to 57, with half the image; "
+            "partial cells (the release refuses such a side): at area 0.3 the region is the same block (the "
+            "top-left one) for 57 of the demo's 60 learning queries, whatever the garment. 4-pixel cells "
+            "are the classifier's 7 x 7 feature grid. Area: with 4-pixel cells and the release's area 0.3 "
+            "the guidance flips 45 of the 60 on the shipped backbones, and a larger scale does not help "
+            "(s 6 and s 12: 51); the region's size does: area 0.4 flips 52 to 55 of 60 with 39% of the "
+            "image changed (the unit seeds differ between databases; 0.5: 56 to 57, with half the image; "
             "bench/bench_demo_flips.py). Everything else at the release's defaults",
             demo_budget="full",
         ),
