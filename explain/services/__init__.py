@@ -8,7 +8,7 @@ from explain.services.classifiers import classifier_evaluate, classifier_registe
 from explain.services.datasets import DEFAULT_DATASET_NAMES, dataset_import
 from explain.services.jobs import job_create, job_execute, job_progress
 from explain.services.registration import backbone_register
-from explain.services.shipped import shipped_models_prepare
+from explain.services.shipped import shipped_bridge_register, shipped_models_prepare
 
 __all__ = [
     "DEFAULT_DATASET_NAMES",
@@ -23,5 +23,6 @@ __all__ = [
     "job_create",
     "job_execute",
     "job_progress",
+    "shipped_bridge_register",
     "shipped_models_prepare",
 ]

@@ -47,6 +47,28 @@ def _backbone(
     return backbone
 
 
+def _bridge(*, dataset: Dataset, root: Path, suffix: str, entry: dict[str, Any]) -> Backbone:
+    return _backbone(
+        dataset=dataset, kind=Backbone.Kind.BRIDGE, name=f"inpainting bridge ({suffix})",
+        path=root / "bridge", config={"architecture": "UNet2DModel", "size": 28}, entry=entry,
+    )  # fmt: skip
+
+
+@transaction.atomic
+def shipped_bridge_register(
+    *, dataset: Dataset, root: Path = SHIPPED_ROOT, label: str = "shipped"
+) -> Backbone:
+    """Check the shipped files against the manifest, then register (once) the shipped inpainting bridge alone
+    for ``dataset``, named with ``label``. The bridge depends on no classifier (it inpaints images), so a
+    study whose classifier the platform trains can run RCSB on it: the tiny demo does, because RCSB's
+    released guidance acts through the bridge's prediction x0_hat, which a bridge trained for seconds does
+    not carry (on one, Sandal -> Sneaker never passed p 0.26 at any s, steps or area)."""
+    manifest = manifest_verify(root)
+    return _bridge(
+        dataset=dataset, root=root, suffix=f"{dataset.name}, {label}", entry=manifest["models"]["bridge"]
+    )
+
+
 @transaction.atomic
 def shipped_models_register(
     *, dataset: Dataset, root: Path = SHIPPED_ROOT, label: str = "shipped"
@@ -87,10 +109,7 @@ def shipped_models_register(
         config={"architecture": "UNet2DModel", "autoencoder": autoencoder.pk, "num_classes": 10},
         entry=models["denoiser"],
     )  # fmt: skip
-    _backbone(
-        dataset=dataset, kind=Backbone.Kind.BRIDGE, name=f"inpainting bridge ({suffix})",
-        path=root / "bridge", config={"architecture": "UNet2DModel", "size": 28}, entry=models["bridge"],
-    )  # fmt: skip
+    _bridge(dataset=dataset, root=root, suffix=suffix, entry=models["bridge"])
     auxiliary = json.loads((root / "auxiliary" / "config.json").read_text())
     _backbone(
         dataset=dataset, kind=Backbone.Kind.AUXILIARY, name=f"SimSiam ({suffix})",
