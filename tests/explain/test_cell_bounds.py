@@ -212,9 +212,13 @@ def test_the_cpu_check_for_fast_int8_products_is_a_measurement_made_once():
     assert cell_bounds.int8_products_fast.cache_info().hits == 1
 
 
-def plain_bound(rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int) -> torch.Tensor:
-    """The float32 intervals' bound (cell_bounds' docstring) the plain way, in float64: every unit with
-    w_k > 0, every input, the exact Delta plus the same rounding allowance."""
+def plain_bound(
+    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int, intervals: str = "float32"
+) -> torch.Tensor:
+    """The bound (cell_bounds' docstring) the plain way, in float64: every unit with w_k > 0, every input;
+    the switch terms' intervals are the exact Delta plus the float32 product's rounding allowance, or the
+    int8 product's Delta^ (per-row and per-candidate scales, each candidate's step its largest |delta| / 127)
+    plus its error bound."""
     (l2, l3), n = mlp_tail(rest), anchor.shape[0]
     w2, b2, w3, b3 = (p.detach().double() for p in (l2.weight, l2.bias, l3.weight, l3.bias))
     a1 = anchor.double().relu()
@@ -225,20 +229,37 @@ def plain_bound(rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, tar
     w = w3.t() @ v
     delta = h1.double().relu() - a1
     linear = torch.log_softmax(z, dim=-1)[target] + delta @ (w2.t() @ torch.where(h2 > 0, w, 0 * w))
-    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
-    allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
-    switch = torch.where(h2 > 0, -1.0, 1.0) * (delta @ w2.t()) - h2.abs() + allowance
+    if intervals == "float32":
+        gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+        allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
+        interval = delta @ w2.t()
+    else:
+        scale = w2.abs().amax(dim=1) / 127
+        q = torch.round(w2 / scale[:, None]).clamp(-127, 127)
+        # quantized as the search does, in float32, so that the same integers come out
+        delta32 = h1.relu() - anchor.relu()
+        step32 = delta32.abs().amax(dim=1, keepdim=True) / 127
+        step32 = torch.where(step32 > 0, step32, torch.ones_like(step32))
+        quantized = torch.round(delta32 / step32).clamp(-127, 127).double()
+        step = step32.double()
+        interval = (quantized @ q.t()) * step * scale[None]
+        residual = (delta - quantized * step).norm(dim=1)[:, None]
+        q_norm = (q * scale[:, None]).norm(dim=1)[None]
+        allowance = (w2 - q * scale[:, None]).norm(dim=1)[None] * delta.norm(dim=1)[
+            :, None
+        ] + q_norm * residual
+    switch = torch.where(h2 > 0, -1.0, 1.0) * interval - h2.abs() + allowance
     return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
 
 
 @pytest.mark.parametrize("seed", [*range(4), *FRESH])
-def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_step(seed, monkeypatch):
-    """The float32 products reuse W2's gathered rows and columns from step to step (``_Gathered``): on a walk
-    of anchors whose units and inputs come and go, with chunks of candidates that leave inputs out, every
+def test_the_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_step(seed, intervals, monkeypatch):
+    """The products reuse W2's (or Wq's) gathered rows and columns from step to step (``_Gathered``): on a
+    walk of anchors whose units and inputs come and go, with chunks of candidates that leave inputs out, every
     bound is the plain one (float64, all units and inputs) to float32 rounding, and above the exact score."""
-    monkeypatch.setattr(cell_bounds, "int8_products_fast", lambda: False)
     rest = tail(seed, (96, 64, 4))
     bound = TailBound(*mlp_tail(rest))
+    assert bound.int8 == (intervals == "int8")
     exact_rest = copy.deepcopy(rest).double()
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(96, generator=generator)
@@ -263,7 +284,7 @@ def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_st
             before = len(bound.gathered.row_list)
             upper = bound.upper(h1.clone()).double()
             appended += 0 < before < len(bound.gathered.row_list)
-            plain = plain_bound(rest, hidden, h1, target)
+            plain = plain_bound(rest, hidden, h1, target, intervals)
             assert torch.allclose(upper, plain, rtol=1e-5, atol=1e-5), float((upper - plain).abs().max())
             with torch.no_grad():
                 exact = torch.log_softmax(exact_rest(h1.double()), dim=-1)[:, target]
