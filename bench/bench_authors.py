@@ -82,7 +82,8 @@ def main() -> None:
         warm = torch.rand(2, 512, 7, 7)
         ours_method.explain(model, warm[:1], int(g(warm[:1]).argmin()), warm[1:], aux=aux)
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cpu})")
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cpu}), OMP_WAIT_POLICY {wait}")
     fast = cell_bounds.int8_products_fast()
     if args.intervals == "auto":
         why = f"{'fast' if fast else 'slow'} int8 products measured here"
