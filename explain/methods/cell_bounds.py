@@ -53,27 +53,31 @@ _UNIT_ROUNDOFF = 2.0**-24  # float32
 @functools.cache
 def int8_products_fast() -> bool:
     """Whether this CPU's exact int8 products run at under half float32's time (measured once per process on
-    a (64, 1024) x (1024, 256) product, the best of three): then the bounds use them, else float32."""
+    a (128, 1024) x (1024, 256) product, one thread, the best of five): then the bounds use them, else
+    float32. One thread: the kernels' speed decides, not how fast a second thread wakes up (on a loaded
+    machine, or with OMP_WAIT_POLICY=passive, that dominates a product this small)."""
     if _INT_MM is None:
         return False
     generator = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8, generator=generator)
+    a = torch.randint(-127, 128, (128, 1024), dtype=torch.int8, generator=generator)
     b = torch.randint(-127, 128, (256, 1024), dtype=torch.int8, generator=generator).t()
     af, bf = a.float(), b.float()
     try:
         _INT_MM(a, b)
     except RuntimeError:
         return False
-
-    def best(product) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(lambda: _INT_MM(a, b)) < 0.5 * best(lambda: af @ bf)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {"int8": [], "float32": []}
+        for _ in range(5):
+            for name, product in (("int8", lambda: _INT_MM(a, b)), ("float32", lambda: af @ bf)):
+                start = time.perf_counter()
+                product()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return min(times["int8"]) < 0.5 * min(times["float32"])
 
 
 def mlp_tail(rest: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:

@@ -280,8 +280,15 @@ def test_refined_bounds_score_fewer_candidates_and_miss_nothing(seed):
 
 
 def test_the_cpu_check_for_fast_int8_products_is_a_measurement_made_once():
+    """It runs once per process, on one thread, and leaves torch's thread count as it found it."""
     cell_bounds.int8_products_fast.cache_clear()
-    first = cell_bounds.int8_products_fast()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = cell_bounds.int8_products_fast()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert isinstance(first, bool) and cell_bounds.int8_products_fast() is first
     assert cell_bounds.int8_products_fast.cache_info().hits == 1
 
