@@ -22,6 +22,7 @@ import importlib.util
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +67,17 @@ def main() -> None:
         help="the bounds' switch-term intervals: auto (this CPU's pick), or float32 / int8 to measure the "
         "other path here (e.g. an AVX2-only machine's float32 intervals on one with fast int8 products)",
     )
+    parser.add_argument(
+        "--omp-wait",
+        choices=["passive", "active"],
+        help="run with OMP_WAIT_POLICY set so (the script starts itself again: OpenMP reads it once, at "
+        "load): passive makes idle OpenMP threads sleep instead of spinning, which on a loaded machine keeps "
+        "two threads from waiting on each other at every parallel operation (both codes run in one process)",
+    )
     args = parser.parse_args()
+    if args.omp_wait and os.environ.get("OMP_WAIT_POLICY", "").lower() != args.omp_wait:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait
+        os.execv(sys.executable, [sys.executable, "-m", "bench.bench_authors", *sys.argv[1:]])
     if args.intervals != "auto":
         cell_bounds.int8_products_fast = lambda: args.intervals == "int8"
     compute_counterfactual = load_authors(args.authors)
@@ -82,7 +93,8 @@ def main() -> None:
         warm = torch.rand(2, 512, 7, 7)
         ours_method.explain(model, warm[:1], int(g(warm[:1]).argmin()), warm[1:], aux=aux)
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cpu})")
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({cpu}), OMP_WAIT_POLICY {wait}")
     fast = cell_bounds.int8_products_fast()
     if args.intervals == "auto":
         why = f"{'fast' if fast else 'slow'} int8 products measured here"

@@ -20,11 +20,12 @@ delta = ReLU(h1) - a1_0 and Delta = W2 delta, exactly (real arithmetic):
    (e.g. AVX2 only, where ``torch._int_mm`` is a slow generic loop, 20x float32's time) a float32 product on
    those rows, with the rounding bound |fl(W2_k . delta) - W2_k . delta| <= gamma_n ||W2_k|| ||delta||,
    gamma_n = n u / (1 - n u) for any order of summation (Higham, Accuracy and Stability, Eq. 3.5), doubled:
-   half the exact product's cost, and a tighter interval. The inputs where no candidate of a chunk has a
-   nonzero delta (first-layer units inactive at the anchor and in every candidate: about 40% on VGG-16 heads)
-   add exactly 0 and are left out of that product; the part of W2 a step's product uses is kept for the next
-   steps, which gather only the inputs new to them (``_Gathered``). Memory: W2 transposed and a buffer of its
-   size are kept with the layer (about 130 MB for VGG-16's 4096 x 4096 layer).
+   half the exact product's cost, and a tighter interval. Either way, the inputs where no candidate of a
+   chunk has a nonzero delta (first-layer units inactive at the anchor and in every candidate: about 40% on
+   VGG-16 heads) add exactly 0 and are left out of that product; the part of W2 (or of Wq) a step's product
+   uses is kept for the next steps, which gather only the inputs new to them (``_Gathered``). Memory: W2
+   transposed and a buffer of its size are kept with the layer (about 130 MB for VGG-16's 4096 x 4096
+   layer in float32; Wq transposed and its buffer, 32 MB, in int8).
 
 The bound is within a few hundredths of the exact score on VGG-16 heads (the switch terms are few), so most
 candidates fall below the best exact score and never run the 4096 x 4096 layer in float32. It holds in real
@@ -38,6 +39,7 @@ import math
 import time
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -51,27 +53,31 @@ _UNIT_ROUNDOFF = 2.0**-24  # float32
 @functools.cache
 def int8_products_fast() -> bool:
     """Whether this CPU's exact int8 products run at under half float32's time (measured once per process on
-    a (64, 1024) x (1024, 256) product, the best of three): then the bounds use them, else float32."""
+    a (128, 1024) x (1024, 256) product, one thread, the best of five): then the bounds use them, else
+    float32. One thread: the kernels' speed decides, not how fast a second thread wakes up (on a loaded
+    machine, or with OMP_WAIT_POLICY=passive, that dominates a product this small)."""
     if _INT_MM is None:
         return False
     generator = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8, generator=generator)
+    a = torch.randint(-127, 128, (128, 1024), dtype=torch.int8, generator=generator)
     b = torch.randint(-127, 128, (256, 1024), dtype=torch.int8, generator=generator).t()
     af, bf = a.float(), b.float()
     try:
         _INT_MM(a, b)
     except RuntimeError:
         return False
-
-    def best(product) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(lambda: _INT_MM(a, b)) < 0.5 * best(lambda: af @ bf)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {"int8": [], "float32": []}
+        for _ in range(5):
+            for name, product in (("int8", lambda: _INT_MM(a, b)), ("float32", lambda: af @ bf)):
+                start = time.perf_counter()
+                product()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return min(times["int8"]) < 0.5 * min(times["float32"])
 
 
 def mlp_tail(rest: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
@@ -92,7 +98,7 @@ class TailBound:
     docstring). ``begin`` once per step, then ``upper`` per chunk of candidates. CPU, float32."""
 
     _quantized: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    # W2 transposed, and a buffer of its size for the float32 products' submatrix (``_Gathered``), kept while
+    # W2 (or Wq) transposed, and a buffer of its size for the products' submatrix (``_Gathered``), kept while
     # the layer lives (a fresh 30 MB buffer page-faults at every step)
     _transposed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -104,14 +110,14 @@ class TailBound:
         weight = l2.weight.detach()
         key = (weight._version, weight.device)
         quantized = _kept(self._quantized, l2, key, lambda: self._quantize(weight))
-        self.q_signed, self.row_scale, self.row_error, self.row_norm, self.exact_norm = quantized
+        self.q_transposed, self.row_scale, self.row_error, self.row_norm, self.exact_norm = quantized
         self.w2, self.w3 = packed_linear(l2), packed_linear(l3)  # the products of ``forward``
         self.gathered, self._token = None, object()
 
     @staticmethod
     def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-row int8 weights Wq, then negated: (2 out, in) = [Wq; -Wq]; their scales s_k,
-        and (rounded up) ||W_k - s_k Wq_k||, ||s_k Wq_k|| and ||W_k||."""
+        """Per-row int8 weights Wq, transposed: (in, out); their scales s_k, and (rounded up)
+        ||W_k - s_k Wq_k||, ||s_k Wq_k|| and ||W_k||."""
         exact = weight.double()
         scale = exact.abs().amax(dim=1) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -119,9 +125,9 @@ class TailBound:
         error = (exact - q * scale[:, None]).norm(dim=1)
         norm = (q * scale[:, None]).norm(dim=1)
         up = 1 + 1e-6
-        signed = torch.cat([q, -q]).to(torch.int8)
         exact_norm = exact.norm(dim=1) * up
-        return signed, scale.float(), (error * up).float(), (norm * up).float(), exact_norm.float()
+        transposed = q.t().contiguous().to(torch.int8)
+        return transposed, scale.float(), (error * up).float(), (norm * up).float(), exact_norm.float()
 
     def forward(self, h1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tail on (B, out1) pre-activations, as the head computes it: (ReLU(h1), h2, logits)."""
@@ -152,68 +158,105 @@ class TailBound:
         self.g = w2.t() @ torch.where(active, w, torch.zeros_like(w))
         units = (w > 0).nonzero().squeeze(1)
         self.units = len(units)
-        if self.int8:
-            # The switch term of unit k is max(0, sign_k Delta_k - |h2_0,k|), sign -1 if active, +1 if
-            # not. With Delta^_k = scale_k step_c (sign_k Wq_k . deltaq_c) and the error bound err_ck, it is
-            # at most scale_k max(0, step_c products_ck + (err_ck - |h2_0,k|) / scale_k): the sign goes into
-            # the int8 rows (exact: -127..127 is symmetric), scale_k into the weights of the sum.
-            self.q_rows = self.q_signed.index_select(
-                0, units + self.q_signed.shape[0] // 2 * active[units]
-            ).t()
-            scale = self.row_scale[units]
-            self.w = w[units] * scale
-            self.offset = -h2[units].abs()[None] / scale  # (1, units)
-            self.errors = torch.stack([self.row_error[units], self.row_norm[units]]) / scale  # (2, units)
-            return
-        # Float32 products: W2's rows of ``columns``, a superset of these units kept from step to step
-        # (``_Gathered``), unsigned; the sign multiplies the products, and the units of ``columns`` that are
-        # not among these get weight 0 (their terms are dropped, as above).
+        # W2's rows of ``columns`` (a superset of these units kept from step to step, ``_Gathered``), in int8
+        # or float32, unsigned: the sign multiplies the products (exact), and the units of ``columns`` that
+        # are not among these get weight 0 (their terms are dropped, as above).
         if self.gathered is None or self.gathered.owner[0] is not self._token:
-            source = _kept(self._transposed, self.l2, (w2._version, w2.device), self._gather_source)
+            key = (w2._version, w2.device, self.int8)
+            source = _kept(self._transposed, self.l2, key, self._gather_source)
             self.gathered = _Gathered(*source)
             self.gathered.owner[0] = self._token
         columns = self.gathered.select(units, w)
         self.signs = torch.where(active[columns], -1.0, 1.0)[None]
-        self.w = torch.where(w[columns] > 0, w[columns], torch.zeros_like(w[columns]))
+        positive = torch.where(w[columns] > 0, w[columns], torch.zeros_like(w[columns]))
+        if self.int8:
+            # The switch term of unit k is max(0, sign_k Delta_k - |h2_0,k|), sign -1 if active, +1 if
+            # not. With Delta^_k = scale_k step_c (Wq_k . deltaq_c) and the error bound err_ck, it is at
+            # most scale_k max(0, step_c sign_k products_ck + (err_ck - |h2_0,k|) / scale_k): scale_k goes
+            # into the weights of the sum.
+            scale = self.row_scale[columns]
+            self.w = positive * scale
+            self.offset = -h2[columns].abs()[None] / scale  # (1, columns)
+            self.errors = torch.stack([self.row_error[columns], self.row_norm[columns]]) / scale
+            return
+        self.w = positive
         self.offset = -h2[columns].abs()[None]  # (1, columns)
         gamma = w2.shape[1] * _UNIT_ROUNDOFF / (1 - w2.shape[1] * _UNIT_ROUNDOFF)
         self.errors = (2 * gamma * self.exact_norm[columns])[None]  # (1, columns): per unit of ||delta||
 
     def _gather_source(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """For ``_Gathered``: W2 transposed (in, out), a buffer of its size, a spare buffer for the gathers,
-        and the buffers' owner."""
-        source = self.l2.weight.detach().t().contiguous()
-        spare = torch.empty(_Gathered.block * source.shape[1])
-        return source, torch.empty(source.numel()), spare, [None]
+        """For ``_Gathered``: W2 transposed (in, out), in float32 or its int8 copy Wq, a buffer of its size, a
+        spare buffer for the gathers, and the buffers' owner."""
+        source = self.q_transposed if self.int8 else self.l2.weight.detach().t().contiguous()
+        spare = torch.empty(_Gathered.block * source.shape[1], dtype=source.dtype)
+        return source, torch.empty(source.numel(), dtype=source.dtype), spare, [None]
 
     def upper(self, h1: torch.Tensor) -> torch.Tensor:
         """(B,) upper bounds on the target's log-probability for first-layer pre-activations ``h1`` (B, out1);
         ``h1`` is overwritten."""
-        delta = h1.relu_().sub_(self.a1)
+        h1 = h1.relu_()
+        # the inputs where some candidate's delta may be nonzero: active at the anchor or in some candidate
+        # (a column maximum: one pass, where testing delta != 0 takes several)
+        used = (self.a1 > 0).logical_or_(h1.amax(dim=0) > 0).nonzero().squeeze(1) if self.units else None
+        delta = h1.sub_(self.a1)
         bound = torch.mv(delta, self.g).add_(self.base)
         if self.units == 0:
             return bound
         size = torch.linalg.vector_norm(delta, dim=1)
+        # only those enter the product (the others add exactly 0): about 40% are left out on VGG-16 heads
+        rows, weights = self.gathered.rows(used)
+        if self.int8:  # each candidate's quantization step: its largest |delta| / 127
+            step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
+            step = torch.where(step > 0, step, torch.ones_like(step))[:, None]
+        delta = delta.index_select(1, rows)
         if not self.int8:  # sign_k Delta^_k - |h2_0,k| + the rounding bound of the float32 product
             sizes = (size * (1 + 1e-4))[:, None]  # rounded up: a float32 norm
-            # only the inputs where some candidate's delta is not 0 enter the product (the others add exactly
-            # 0): about 40% of them are left out on VGG-16 heads
-            rows, weights = self.gathered.rows(delta.ne(0).any(dim=0).nonzero().squeeze(1))
-            products = torch.mm(delta.index_select(1, rows), weights)
+            products = torch.mm(delta, weights)
             switch = products.mul_(self.signs).add_(self.offset).addmm_(sizes, self.errors)
             return bound.add_(torch.mv(switch.relu_(), self.w))
-        step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
-        step = torch.where(step > 0, step, torch.ones_like(step))[:, None]
         quantized = torch.div(delta, step).round_().clamp_(-127, 127)
         residual = torch.linalg.vector_norm(torch.addcmul(delta, quantized, step, value=-1), dim=1)
-        products = _int8_products(quantized.to(torch.int8), self.q_rows)  # exact
+        products = _int8_products(quantized.to(torch.int8), weights).float().mul_(self.signs)  # exact
         sizes = torch.stack([size, residual], dim=1) * (1 + 1e-4)  # rounded up: float32 norms
-        switch = torch.addmm(self.offset, sizes, self.errors).addcmul_(products.float(), step)
+        switch = torch.addmm(self.offset, sizes, self.errors).addcmul_(products, step)
+        return bound.add_(torch.mv(switch.relu_(), self.w))
+
+    def refine(self, h1: torch.Tensor) -> torch.Tensor:
+        """Tighter upper bounds than ``upper`` for a few candidates, with int8 intervals (float32 ones are
+        tight already: ``upper``). Each candidate's delta is quantized twice, delta = s_c q_c + s'_c q'_c +
+        r_c (q' the int8 rounding of the first residual, s' its step), so Delta^_k = sW_k (s_c Wq_k . q_c +
+        s'_c Wq_k . q'_c) and the delta term of the error bound becomes ||sW_k Wq_k|| ||r_c||, about 127
+        times smaller; the weights' term ||W2_k - sW_k Wq_k|| ||delta_c|| stays. On VGG-16 heads the bound's
+        excess over the score about halves, for a second int8 product on these rows only. The residuals are
+        computed in float64, where delta - s q is exact. ``h1`` (B, out1) is overwritten."""
+        if not self.int8 or self.units == 0:
+            return self.upper(h1)
+        h1 = h1.relu_()
+        used = (self.a1 > 0).logical_or_(h1.amax(dim=0) > 0).nonzero().squeeze(1)
+        delta = h1.sub_(self.a1)
+        bound = torch.mv(delta, self.g).add_(self.base)
+        size = torch.linalg.vector_norm(delta, dim=1)
+        step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
+        step = torch.where(step > 0, step, torch.ones_like(step))[:, None]
+        rows, weights = self.gathered.rows(used, shrink=False)
+        delta = delta.index_select(1, rows)
+        quantized = torch.div(delta, step).round_().clamp_(-127, 127)
+        rest = delta.double() - quantized.double() * step.double()  # exact: |rest| <= step / 2
+        step2 = (rest.abs().amax(dim=1, keepdim=True) / 127).float()  # a float32 step, used as such below
+        step2 = torch.where(step2 > 0, step2, torch.ones_like(step2))
+        quantized2 = torch.div(rest, step2.double()).round_().clamp_(-127, 127)
+        residual = torch.linalg.vector_norm(rest - quantized2 * step2.double(), dim=1).float()
+        both = torch.cat([quantized, quantized2.float()]).to(torch.int8)
+        products = _int8_products(both, weights).float().mul_(self.signs)  # exact
+        count = len(delta)
+        sizes = torch.stack([size, residual], dim=1) * (1 + 1e-4)  # rounded up: float32 norms
+        switch = torch.addmm(self.offset, sizes, self.errors)
+        switch.addcmul_(products[:count], step).addcmul_(products[count:], step2)
         return bound.add_(torch.mv(switch.relu_(), self.w))
 
 
 class _Gathered:
-    """``source[rows][:, columns]`` of a fixed (in, out) matrix (W2 transposed), kept from step to step
+    """``source[rows][:, columns]`` of a fixed (in, out) matrix (W2 or Wq transposed), kept from step to step
     of a search: the second layer's units with w_k > 0 barely change from step to step (0 to 2 of about 2,000
     on VGG-16 heads) nor do the inputs where some candidate's delta is not 0 (about 60 of 2,400 come and go),
     so a step gathers only the new inputs instead of copying half of W2 twice. ``columns`` is a superset of
@@ -247,20 +290,30 @@ class _Gathered:
         self.kept_rows = torch.zeros(self.source.shape[0], dtype=torch.bool, device=units.device)
         return self.columns
 
-    def rows(self, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, source[rows][:, columns]) with ``rows`` holding every input of ``used``."""
+    def rows(self, used: torch.Tensor, shrink: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, source[rows][:, columns]) with ``rows`` holding every input of ``used``; ``shrink``: False
+        keeps the rows however many are in excess (a few candidates' product, between the whole chunks')."""
         width = len(self.columns)
         new = used[~self.kept_rows[used]]
-        if len(self.row_list) + len(new) > (1 + self.waste) * len(used):
+        if shrink and len(self.row_list) + len(new) > (1 + self.waste) * len(used):
             self.row_list, new = used.new_empty(0), used  # too many rows left from earlier steps: afresh
             self.kept_rows.zero_()
         out = self.source.shape[1]
-        for first in range(0, len(new), self.block):  # source's rows, then their columns, into the buffer
-            some = new[first : first + self.block]
+        # source's rows, then their columns, into the buffer; numpy's take gathers columns several times
+        # faster than torch's index_select (4x for int8), clip: the indices are valid, and out is not buffered
+        source, columns = self.source.numpy(), self.columns.numpy()
+        for first in range(0, len(new), self.block):
+            some = new[first : first + self.block].numpy()
             begin = (len(self.row_list) + first) * width
-            whole = torch.index_select(self.source, 0, some, out=self.spare[: len(some) * out].view(-1, out))
-            torch.index_select(
-                whole, 1, self.columns, out=self.buffer[begin : begin + len(some) * width].view(-1, width)
+            whole = np.take(
+                source, some, axis=0, out=self.spare[: len(some) * out].view(-1, out).numpy(), mode="clip"
+            )
+            np.take(
+                whole,
+                columns,
+                axis=1,
+                out=self.buffer[begin : begin + len(some) * width].view(-1, width).numpy(),
+                mode="clip",
             )
         if len(new):
             self.row_list = torch.cat([self.row_list, new])

@@ -72,6 +72,39 @@ def test_the_bound_is_above_the_exact_score_and_close_to_it_for_small_changes(se
             assert float((upper - exact).max()) < 0.02, "the bound should be tight for small changes"
 
 
+@pytest.mark.parametrize("seed", [*range(6), *FRESH])
+def test_the_refined_bound_is_above_the_exact_score_and_tighter(seed, intervals):
+    """``refine`` (int8 intervals with delta quantized twice) holds on random tails, changes from tiny to
+    large and candidates equal to the anchor (delta 0), and is tighter than ``upper`` on average; with
+    float32 intervals it is ``upper``."""
+    widths = [(64, 48, 5), (256, 256, 20), (96, 32, 3)][seed % 3]
+    rest = tail(seed, widths)
+    bound = TailBound(*mlp_tail(rest))
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(widths[0], generator=generator)
+    target = seed % widths[2]
+    bound.begin(hidden, target)
+    exact_rest = copy.deepcopy(rest).double()
+    tighter = []
+    for scale in (1e-4, 0.01, 0.1, 1.0):
+        h1 = hidden + scale * torch.randn(300, widths[0], generator=generator)
+        h1[:5] = hidden  # no change: delta is 0
+        with torch.no_grad():
+            exact = torch.log_softmax(exact_rest(h1.double()), dim=-1)[:, target]
+        upper = bound.upper(h1.clone()).double()
+        refined = bound.refine(h1.clone()).double()
+        assert (refined >= exact - 1e-5).all(), (scale, float((exact - refined).max()))
+        if intervals == "int8":
+            plain = plain_refined_bound(rest, hidden, h1, target)
+            assert torch.allclose(refined, plain, rtol=1e-5, atol=1e-5), float((refined - plain).abs().max())
+        if intervals == "float32":
+            assert torch.equal(refined, upper)
+        else:
+            assert float(refined.mean()) <= float(upper.mean()) + 1e-7, scale
+            tighter.append(float(refined.mean()) < float(upper.mean()))
+    assert intervals == "float32" or any(tighter)
+
+
 def test_int8_products_are_exact_with_and_without_the_cpu_kernel(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (37, 300), generator=generator).to(torch.int8)
@@ -192,12 +225,12 @@ def test_the_first_round_adapts_to_the_bounds_excess_and_misses_nothing(seed):
     scores = -1 - torch.rand(200, generator=generator, dtype=torch.float64) * 0.2
     scores[torch.randperm(200, generator=generator)[:20]] = -1 + 1e-4 * torch.rand(20, dtype=torch.float64)
     candidates = torch.arange(200)
-    for slack, rounds in ((0.01, 1), (None, 2)):
+    for slack, rounds in (((0.01, 0.01), 1), (None, 2)):
         scorer = _KnownScores(scores, excess=0.01)
         step = _Step(scorer, candidates, 1, 0, None, 1.0, 4096)
         excess = step.branch_and_bound(1e-3, 1e-5, slack)
         assert len(scorer.rounds) == rounds, scorer.rounds
-        assert excess == pytest.approx(0.01, abs=1e-6)
+        assert excess[0] == pytest.approx(0.01, abs=1e-6) and excess[1] is None  # nothing to refine
         best = float(scores.max())
         assert float(step.fast.max()) == pytest.approx(best, abs=1e-6)
         reaching = scores + 0.01 >= best - 2e-3
@@ -205,16 +238,68 @@ def test_the_first_round_adapts_to_the_bounds_excess_and_misses_nothing(seed):
         assert step.evaluated == sum(scorer.rounds)
 
 
+class _KnownScoresRefined(_KnownScores):
+    """``_KnownScores`` whose bounds can be refined to exceed the scores by ``tight`` only (as the int8
+    bounds' second quantization); it records the candidates refined."""
+
+    refines = True
+
+    def __init__(self, scores: torch.Tensor, excess: float, tight: float):
+        super().__init__(scores, excess)
+        self.tight, self.refined = tight, []
+
+    def refine_bounds(self, i, j):
+        self.refined.extend(i.tolist())
+        return (self.scores[i] + self.tight).float()
+
+
+@pytest.mark.parametrize("seed", [*range(4), *FRESH])
+def test_refined_bounds_score_fewer_candidates_and_miss_nothing(seed):
+    """With bounds that can be refined, only the candidates whose refined bound reaches best - 2 margin are
+    scored (after the first round), every one of them is, the best is found, each candidate is refined at
+    most once, and only a few are refined; the excesses before and after refinement come back."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = -1 - torch.rand(200, generator=generator, dtype=torch.float64) * 0.2
+    scores[torch.randperm(200, generator=generator)[:20]] = -1 + 0.02 * torch.rand(20, dtype=torch.float64)
+    candidates = torch.arange(200)
+    best = float(scores.max())
+    for slack in ((0.03, 0.003), None):
+        plain = _KnownScores(scores, excess=0.03)
+        loose = None if slack is None else (slack[0], slack[0])
+        _Step(plain, candidates, 1, 0, None, 1.0, 4096).branch_and_bound(1e-3, 1e-5, loose)
+        scorer = _KnownScoresRefined(scores, excess=0.03, tight=0.003)
+        step = _Step(scorer, candidates, 1, 0, None, 1.0, 4096)
+        excess = step.branch_and_bound(1e-3, 1e-5, slack)
+        assert excess[0] == pytest.approx(0.03, abs=1e-6)
+        assert excess[1] is None or excess[1] == pytest.approx(0.003, abs=1e-6)
+        assert float(step.fast.max()) == pytest.approx(best, abs=1e-6)
+        reaching = scores + 0.003 >= best - 2e-3
+        assert bool(torch.isfinite(step.fast[reaching]).all())
+        assert len(set(scorer.refined)) == len(scorer.refined) < 100
+        assert step.evaluated < sum(plain.rounds), (step.evaluated, plain.rounds)
+
+
 def test_the_cpu_check_for_fast_int8_products_is_a_measurement_made_once():
+    """It runs once per process, on one thread, and leaves torch's thread count as it found it."""
     cell_bounds.int8_products_fast.cache_clear()
-    first = cell_bounds.int8_products_fast()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = cell_bounds.int8_products_fast()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert isinstance(first, bool) and cell_bounds.int8_products_fast() is first
     assert cell_bounds.int8_products_fast.cache_info().hits == 1
 
 
-def plain_bound(rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int) -> torch.Tensor:
-    """The float32 intervals' bound (cell_bounds' docstring) the plain way, in float64: every unit with
-    w_k > 0, every input, the exact Delta plus the same rounding allowance."""
+def plain_bound(
+    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int, intervals: str = "float32"
+) -> torch.Tensor:
+    """The bound (cell_bounds' docstring) the plain way, in float64: every unit with w_k > 0, every input;
+    the switch terms' intervals are the exact Delta plus the float32 product's rounding allowance, or the
+    int8 product's Delta^ (per-row and per-candidate scales, each candidate's step its largest |delta| / 127)
+    plus its error bound."""
     (l2, l3), n = mlp_tail(rest), anchor.shape[0]
     w2, b2, w3, b3 = (p.detach().double() for p in (l2.weight, l2.bias, l3.weight, l3.bias))
     a1 = anchor.double().relu()
@@ -225,20 +310,70 @@ def plain_bound(rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, tar
     w = w3.t() @ v
     delta = h1.double().relu() - a1
     linear = torch.log_softmax(z, dim=-1)[target] + delta @ (w2.t() @ torch.where(h2 > 0, w, 0 * w))
-    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
-    allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
-    switch = torch.where(h2 > 0, -1.0, 1.0) * (delta @ w2.t()) - h2.abs() + allowance
+    if intervals == "float32":
+        gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+        allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
+        interval = delta @ w2.t()
+    else:
+        scale = w2.abs().amax(dim=1) / 127
+        q = torch.round(w2 / scale[:, None]).clamp(-127, 127)
+        # quantized as the search does, in float32, so that the same integers come out
+        delta32 = h1.relu() - anchor.relu()
+        step32 = delta32.abs().amax(dim=1, keepdim=True) / 127
+        step32 = torch.where(step32 > 0, step32, torch.ones_like(step32))
+        quantized = torch.round(delta32 / step32).clamp(-127, 127).double()
+        step = step32.double()
+        interval = (quantized @ q.t()) * step * scale[None]
+        residual = (delta - quantized * step).norm(dim=1)[:, None]
+        q_norm = (q * scale[:, None]).norm(dim=1)[None]
+        allowance = (w2 - q * scale[:, None]).norm(dim=1)[None] * delta.norm(dim=1)[
+            :, None
+        ] + q_norm * residual
+    switch = torch.where(h2 > 0, -1.0, 1.0) * interval - h2.abs() + allowance
+    return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
+
+
+def plain_refined_bound(
+    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int
+) -> torch.Tensor:
+    """``TailBound.refine``'s bound the plain way, in float64: every unit with w_k > 0, every input; delta
+    quantized twice (the first time in float32 as the search does, so that the same integers come out)."""
+    (l2, l3) = mlp_tail(rest)
+    w2, b2, w3, b3 = (p.detach().double() for p in (l2.weight, l2.bias, l3.weight, l3.bias))
+    a1 = anchor.double().relu()
+    h2 = w2 @ a1 + b2
+    z = w3 @ h2.relu() + b3
+    v = -torch.softmax(z, dim=-1)
+    v[target] += 1
+    w = w3.t() @ v
+    delta = h1.double().relu() - a1
+    linear = torch.log_softmax(z, dim=-1)[target] + delta @ (w2.t() @ torch.where(h2 > 0, w, 0 * w))
+    scale = w2.abs().amax(dim=1) / 127
+    q = torch.round(w2 / scale[:, None]).clamp(-127, 127)
+    delta32 = h1.relu() - anchor.relu()
+    step = delta32.abs().amax(dim=1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    first = torch.round(delta32 / step).clamp(-127, 127).double()
+    residual = delta32.double() - first * step.double()
+    step2 = (residual.abs().amax(dim=1, keepdim=True) / 127).float()
+    step2 = torch.where(step2 > 0, step2, torch.ones_like(step2)).double()
+    second = torch.round(residual / step2).clamp(-127, 127)
+    interval = (first * step.double() + second * step2) @ (q * scale[:, None]).t()
+    left = (residual - second * step2).norm(dim=1)[:, None]
+    q_norm = (q * scale[:, None]).norm(dim=1)[None]
+    allowance = (w2 - q * scale[:, None]).norm(dim=1)[None] * delta.norm(dim=1)[:, None] + q_norm * left
+    switch = torch.where(h2 > 0, -1.0, 1.0) * interval - h2.abs() + allowance
     return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
 
 
 @pytest.mark.parametrize("seed", [*range(4), *FRESH])
-def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_step(seed, monkeypatch):
-    """The float32 products reuse W2's gathered rows and columns from step to step (``_Gathered``): on a walk
-    of anchors whose units and inputs come and go, with chunks of candidates that leave inputs out, every
+def test_the_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_step(seed, intervals, monkeypatch):
+    """The products reuse W2's (or Wq's) gathered rows and columns from step to step (``_Gathered``): on a
+    walk of anchors whose units and inputs come and go, with chunks of candidates that leave inputs out, every
     bound is the plain one (float64, all units and inputs) to float32 rounding, and above the exact score."""
-    monkeypatch.setattr(cell_bounds, "int8_products_fast", lambda: False)
     rest = tail(seed, (96, 64, 4))
     bound = TailBound(*mlp_tail(rest))
+    assert bound.int8 == (intervals == "int8")
     exact_rest = copy.deepcopy(rest).double()
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(96, generator=generator)
@@ -263,7 +398,7 @@ def test_the_float32_bounds_kept_submatrix_gives_the_plain_bound_from_step_to_st
             before = len(bound.gathered.row_list)
             upper = bound.upper(h1.clone()).double()
             appended += 0 < before < len(bound.gathered.row_list)
-            plain = plain_bound(rest, hidden, h1, target)
+            plain = plain_bound(rest, hidden, h1, target, intervals)
             assert torch.allclose(upper, plain, rtol=1e-5, atol=1e-5), float((upper - plain).abs().max())
             with torch.no_grad():
                 exact = torch.log_softmax(exact_rest(h1.double()), dim=-1)[:, target]
