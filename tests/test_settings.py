@@ -57,3 +57,18 @@ def test_production_demands_a_secret_key_from_the_environment(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "DJANGO_SECRET_KEY is not set" in result.stderr
+
+
+def test_a_worker_lets_idle_openmp_threads_sleep_unless_told_otherwise():
+    """OMP_WAIT_POLICY is read once, when torch's OpenMP loads: the Celery app sets it (PASSIVE) before
+    anything imports torch, and keeps a value the environment gives."""
+    code = (
+        "import os, sys; import config.celery_app; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for env, expected in (({}, "PASSIVE False"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE False")):
+        run = [sys.executable, "-c", code]
+        result = subprocess.run(run, cwd=ROOT, env=clean | env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == expected
