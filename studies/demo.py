@@ -208,11 +208,7 @@ def demo_models(*, dataset: Dataset, budget: DemoBudget, say: Say) -> Classifier
         classifier = demo_classifier(dataset=dataset, budget=budget)
     if budget.shipped_bridge:
         with step(say, "shipped inpainting bridge (checksums verified)"):
-            from explain.nets.quality import card_summary
-
-            bridge = shipped_bridge_register(dataset=dataset)
-            card = bridge.provenance.get("quality")
-            say(f"   {bridge.name}: {card_summary(card) if card else 'no card'}")
+            shipped_bridge_register(dataset=dataset, say=say)
     return classifier
 
 

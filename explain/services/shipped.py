@@ -56,17 +56,27 @@ def _bridge(*, dataset: Dataset, root: Path, suffix: str, entry: dict[str, Any])
 
 @transaction.atomic
 def shipped_bridge_register(
-    *, dataset: Dataset, root: Path = SHIPPED_ROOT, label: str = "shipped"
+    *,
+    dataset: Dataset,
+    root: Path = SHIPPED_ROOT,
+    label: str = "shipped",
+    say: Callable[[str], None] | None = None,
 ) -> Backbone:
     """Check the shipped files against the manifest, then register (once) the shipped inpainting bridge alone
     for ``dataset``, named with ``label``. The bridge depends on no classifier (it inpaints images), so a
     study whose classifier the platform trains can run RCSB on it: the tiny demo does, because RCSB's
     released guidance acts through the bridge's prediction x0_hat, which a bridge trained for seconds does
     not carry (on one, Sandal -> Sneaker never passed p 0.26 at any s, steps or area)."""
+    from explain.nets.quality import card_summary
+
     manifest = manifest_verify(root)
-    return _bridge(
+    bridge = _bridge(
         dataset=dataset, root=root, suffix=f"{dataset.name}, {label}", entry=manifest["models"]["bridge"]
     )
+    if say is not None:
+        card = bridge.provenance.get("quality")
+        say(f"   {bridge.name}: {card_summary(card) if card else 'no card'}")
+    return bridge
 
 
 @transaction.atomic
