@@ -194,32 +194,37 @@ class TailBound:
     def upper(self, h1: torch.Tensor) -> torch.Tensor:
         """(B,) upper bounds on the target's log-probability for first-layer pre-activations ``h1`` (B, out1);
         ``h1`` is overwritten."""
-        h1 = h1.relu_()
-        # the inputs where some candidate's delta may be nonzero: active at the anchor or in some candidate
-        # (a column maximum: one pass, where testing delta != 0 takes several)
-        used = (self.a1 > 0).logical_or_(h1.amax(dim=0) > 0).nonzero().squeeze(1) if self.units else None
-        delta = h1.sub_(self.a1)
-        bound = torch.mv(delta, self.g).add_(self.base)
         if self.units == 0:
-            return bound
-        size = torch.linalg.vector_norm(delta, dim=1)
-        # only those enter the product (the others add exactly 0): about 40% are left out on VGG-16 heads
-        rows, weights = self.gathered.rows(used)
-        if self.int8:  # each candidate's quantization step: its largest |delta| / 127
-            step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
-            step = torch.where(step > 0, step, torch.ones_like(step))[:, None]
-        delta = delta.index_select(1, rows)
+            return torch.mv(h1.relu_().sub_(self.a1), self.g).add_(self.base)
+        bound, size, delta, weights = self._deltas(h1)
         if not self.int8:  # sign_k Delta^_k - |h2_0,k| + the rounding bound of the float32 product
             sizes = (size * (1 + 1e-4))[:, None]  # rounded up: a float32 norm
             products = torch.mm(delta, weights)
             switch = products.mul_(self.signs).add_(self.offset).addmm_(sizes, self.errors)
             return bound.add_(torch.mv(switch.relu_(), self.w))
+        step = _quantization_step(delta)
         quantized = torch.div(delta, step).round_().clamp_(-127, 127)
         residual = torch.linalg.vector_norm(torch.addcmul(delta, quantized, step, value=-1), dim=1)
         products = _int8_products(quantized.to(torch.int8), weights).float().mul_(self.signs)  # exact
         sizes = torch.stack([size, residual], dim=1) * (1 + 1e-4)  # rounded up: float32 norms
         switch = torch.addmm(self.offset, sizes, self.errors).addcmul_(products, step)
         return bound.add_(torch.mv(switch.relu_(), self.w))
+
+    def _deltas(
+        self, h1: torch.Tensor, shrink: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``upper`` and ``refine`` (``h1`` overwritten): the bound's linear part (B,), ||delta|| (B,),
+        delta on the gathered rows and those rows of the switch terms' weights (``_Gathered.rows``)."""
+        h1 = h1.relu_()
+        # the inputs where some candidate's delta may be nonzero: active at the anchor or in some candidate
+        # (a column maximum: one pass, where testing delta != 0 takes several)
+        used = (self.a1 > 0).logical_or_(h1.amax(dim=0) > 0).nonzero().squeeze(1)
+        delta = h1.sub_(self.a1)
+        bound = torch.mv(delta, self.g).add_(self.base)
+        size = torch.linalg.vector_norm(delta, dim=1)
+        # only those enter the product (the others add exactly 0): about 40% are left out on VGG-16 heads
+        rows, weights = self.gathered.rows(used, shrink=shrink)
+        return bound, size, delta.index_select(1, rows), weights
 
     def refine(self, h1: torch.Tensor) -> torch.Tensor:
         """Tighter upper bounds than ``upper`` for a few candidates, with int8 intervals (float32 ones are
@@ -231,15 +236,8 @@ class TailBound:
         computed in float64, where delta - s q is exact. ``h1`` (B, out1) is overwritten."""
         if not self.int8 or self.units == 0:
             return self.upper(h1)
-        h1 = h1.relu_()
-        used = (self.a1 > 0).logical_or_(h1.amax(dim=0) > 0).nonzero().squeeze(1)
-        delta = h1.sub_(self.a1)
-        bound = torch.mv(delta, self.g).add_(self.base)
-        size = torch.linalg.vector_norm(delta, dim=1)
-        step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
-        step = torch.where(step > 0, step, torch.ones_like(step))[:, None]
-        rows, weights = self.gathered.rows(used, shrink=False)
-        delta = delta.index_select(1, rows)
+        bound, size, delta, weights = self._deltas(h1, shrink=False)
+        step = _quantization_step(delta)
         quantized = torch.div(delta, step).round_().clamp_(-127, 127)
         rest = delta.double() - quantized.double() * step.double()  # exact: |rest| <= step / 2
         step2 = (rest.abs().amax(dim=1, keepdim=True) / 127).float()  # a float32 step, used as such below
@@ -253,6 +251,13 @@ class TailBound:
         switch = torch.addmm(self.offset, sizes, self.errors)
         switch.addcmul_(products[:count], step).addcmul_(products[count:], step2)
         return bound.add_(torch.mv(switch.relu_(), self.w))
+
+
+def _quantization_step(delta: torch.Tensor) -> torch.Tensor:
+    """(B, 1): each candidate's int8 quantization step, its largest |delta| / 127 (1 where delta is 0). The
+    inputs left out of a gathered delta are exactly 0 there, so the step is that of the whole delta."""
+    step = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) / 127
+    return torch.where(step > 0, step, torch.ones_like(step))[:, None]
 
 
 class _Gathered:

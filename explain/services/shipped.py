@@ -67,16 +67,21 @@ def shipped_bridge_register(
     study whose classifier the platform trains can run RCSB on it: the tiny demo does, because RCSB's
     released guidance acts through the bridge's prediction x0_hat, which a bridge trained for seconds does
     not carry (on one, Sandal -> Sneaker never passed p 0.26 at any s, steps or area)."""
-    from explain.nets.quality import card_summary
-
     manifest = manifest_verify(root)
     bridge = _bridge(
         dataset=dataset, root=root, suffix=f"{dataset.name}, {label}", entry=manifest["models"]["bridge"]
     )
     if say is not None:
-        card = bridge.provenance.get("quality")
-        say(f"   {bridge.name}: {card_summary(card) if card else 'no card'}")
+        _say_card(bridge, say)
     return bridge
+
+
+def _say_card(backbone: Backbone, say: Callable[[str], None]) -> None:
+    """One line: the backbone's name and its quality card's summary."""
+    from explain.nets.quality import card_summary
+
+    card = backbone.provenance.get("quality")
+    say(f"   {backbone.name}: {card_summary(card) if card else 'no card'}")
 
 
 @transaction.atomic
@@ -156,7 +161,6 @@ def shipped_models_prepare(*, dataset: Dataset, retrain: bool, say: Callable[[st
     commands and seeds into FOIL_DATA_ROOT/shipped-retrained/ instead (``FOIL_DEMO_TRAIN=1``)."""
     from django.conf import settings
 
-    from explain.nets.quality import card_summary
     from explain.shipped.manifest import manifest_retrain
 
     root, label = SHIPPED_ROOT, "shipped"
@@ -167,6 +171,5 @@ def shipped_models_prepare(*, dataset: Dataset, retrain: bool, say: Callable[[st
     for backbone in Backbone.objects.filter(name__endswith=f"({dataset.name}, {label})").order_by(
         "kind", "name"
     ):
-        card = backbone.provenance.get("quality")
-        say(f"   {backbone.name}: {card_summary(card) if card else 'no card'}")
+        _say_card(backbone, say)
     return classifier

@@ -293,51 +293,9 @@ def test_the_cpu_check_for_fast_int8_products_is_a_measurement_made_once():
     assert cell_bounds.int8_products_fast.cache_info().hits == 1
 
 
-def plain_bound(
-    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int, intervals: str = "float32"
-) -> torch.Tensor:
-    """The bound (cell_bounds' docstring) the plain way, in float64: every unit with w_k > 0, every input;
-    the switch terms' intervals are the exact Delta plus the float32 product's rounding allowance, or the
-    int8 product's Delta^ (per-row and per-candidate scales, each candidate's step its largest |delta| / 127)
-    plus its error bound."""
-    (l2, l3), n = mlp_tail(rest), anchor.shape[0]
-    w2, b2, w3, b3 = (p.detach().double() for p in (l2.weight, l2.bias, l3.weight, l3.bias))
-    a1 = anchor.double().relu()
-    h2 = w2 @ a1 + b2
-    z = w3 @ h2.relu() + b3
-    v = -torch.softmax(z, dim=-1)
-    v[target] += 1
-    w = w3.t() @ v
-    delta = h1.double().relu() - a1
-    linear = torch.log_softmax(z, dim=-1)[target] + delta @ (w2.t() @ torch.where(h2 > 0, w, 0 * w))
-    if intervals == "float32":
-        gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
-        allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
-        interval = delta @ w2.t()
-    else:
-        scale = w2.abs().amax(dim=1) / 127
-        q = torch.round(w2 / scale[:, None]).clamp(-127, 127)
-        # quantized as the search does, in float32, so that the same integers come out
-        delta32 = h1.relu() - anchor.relu()
-        step32 = delta32.abs().amax(dim=1, keepdim=True) / 127
-        step32 = torch.where(step32 > 0, step32, torch.ones_like(step32))
-        quantized = torch.round(delta32 / step32).clamp(-127, 127).double()
-        step = step32.double()
-        interval = (quantized @ q.t()) * step * scale[None]
-        residual = (delta - quantized * step).norm(dim=1)[:, None]
-        q_norm = (q * scale[:, None]).norm(dim=1)[None]
-        allowance = (w2 - q * scale[:, None]).norm(dim=1)[None] * delta.norm(dim=1)[
-            :, None
-        ] + q_norm * residual
-    switch = torch.where(h2 > 0, -1.0, 1.0) * interval - h2.abs() + allowance
-    return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
-
-
-def plain_refined_bound(
-    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int
-) -> torch.Tensor:
-    """``TailBound.refine``'s bound the plain way, in float64: every unit with w_k > 0, every input; delta
-    quantized twice (the first time in float32 as the search does, so that the same integers come out)."""
+def _plain_parts(rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int):
+    """What both plain bounds share, in float64: W2, h2 at the anchor, the weights w, delta, the linear part,
+    and W2's per-row int8 copy (Wq, its scales)."""
     (l2, l3) = mlp_tail(rest)
     w2, b2, w3, b3 = (p.detach().double() for p in (l2.weight, l2.bias, l3.weight, l3.bias))
     a1 = anchor.double().relu()
@@ -350,11 +308,58 @@ def plain_refined_bound(
     linear = torch.log_softmax(z, dim=-1)[target] + delta @ (w2.t() @ torch.where(h2 > 0, w, 0 * w))
     scale = w2.abs().amax(dim=1) / 127
     q = torch.round(w2 / scale[:, None]).clamp(-127, 127)
+    return w2, h2, w, delta, linear, q, scale
+
+
+def _plain_sum(h2, w, linear, interval, allowance) -> torch.Tensor:
+    """The bound from the switch terms' intervals and their allowances: linear + sum of w_k > 0 times
+    max(0, sign_k Delta_k - |h2_0,k| + allowance)."""
+    switch = torch.where(h2 > 0, -1.0, 1.0) * interval - h2.abs() + allowance
+    return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
+
+
+def _first_quantization(h1: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta's int8 integers and step, quantized as the search does, in float32, so that the same integers
+    come out: (integers in float64, step in float32)."""
     delta32 = h1.relu() - anchor.relu()
-    step = delta32.abs().amax(dim=1, keepdim=True) / 127
-    step = torch.where(step > 0, step, torch.ones_like(step))
-    first = torch.round(delta32 / step).clamp(-127, 127).double()
-    residual = delta32.double() - first * step.double()
+    step32 = delta32.abs().amax(dim=1, keepdim=True) / 127
+    step32 = torch.where(step32 > 0, step32, torch.ones_like(step32))
+    return torch.round(delta32 / step32).clamp(-127, 127).double(), step32
+
+
+def plain_bound(
+    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int, intervals: str = "float32"
+) -> torch.Tensor:
+    """The bound (cell_bounds' docstring) the plain way, in float64: every unit with w_k > 0, every input;
+    the switch terms' intervals are the exact Delta plus the float32 product's rounding allowance, or the
+    int8 product's Delta^ (per-row and per-candidate scales, each candidate's step its largest |delta| / 127)
+    plus its error bound."""
+    w2, h2, w, delta, linear, q, scale = _plain_parts(rest, anchor, h1, target)
+    n = anchor.shape[0]
+    if intervals == "float32":
+        gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+        allowance = 2 * gamma * w2.norm(dim=1)[None] * delta.norm(dim=1)[:, None]
+        interval = delta @ w2.t()
+    else:
+        quantized, step32 = _first_quantization(h1, anchor)
+        step = step32.double()
+        interval = (quantized @ q.t()) * step * scale[None]
+        residual = (delta - quantized * step).norm(dim=1)[:, None]
+        q_norm = (q * scale[:, None]).norm(dim=1)[None]
+        allowance = (w2 - q * scale[:, None]).norm(dim=1)[None] * delta.norm(dim=1)[
+            :, None
+        ] + q_norm * residual
+    return _plain_sum(h2, w, linear, interval, allowance)
+
+
+def plain_refined_bound(
+    rest: nn.Sequential, anchor: torch.Tensor, h1: torch.Tensor, target: int
+) -> torch.Tensor:
+    """``TailBound.refine``'s bound the plain way, in float64: every unit with w_k > 0, every input; delta
+    quantized twice (the first time in float32 as the search does, so that the same integers come out)."""
+    w2, h2, w, delta, linear, q, scale = _plain_parts(rest, anchor, h1, target)
+    first, step = _first_quantization(h1, anchor)
+    residual = (h1.relu() - anchor.relu()).double() - first * step.double()
     step2 = (residual.abs().amax(dim=1, keepdim=True) / 127).float()
     step2 = torch.where(step2 > 0, step2, torch.ones_like(step2)).double()
     second = torch.round(residual / step2).clamp(-127, 127)
@@ -362,8 +367,7 @@ def plain_refined_bound(
     left = (residual - second * step2).norm(dim=1)[:, None]
     q_norm = (q * scale[:, None]).norm(dim=1)[None]
     allowance = (w2 - q * scale[:, None]).norm(dim=1)[None] * delta.norm(dim=1)[:, None] + q_norm * left
-    switch = torch.where(h2 > 0, -1.0, 1.0) * interval - h2.abs() + allowance
-    return linear + switch.relu() @ torch.where(w > 0, w, 0 * w)
+    return _plain_sum(h2, w, linear, interval, allowance)
 
 
 @pytest.mark.parametrize("seed", [*range(4), *FRESH])
