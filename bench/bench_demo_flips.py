@@ -10,7 +10,7 @@ method and pair: flip rate, L1, region area, the share of queries whose region i
 (1.00: the same region for every garment), NFE, seconds per counterfactual, and the load average.
 
     DATABASE_URL=postgres://.../foil_x .venv/bin/python bench/bench_demo_flips.py \
-        [--methods c3lt slc ldce-cls rcsb] [--threads 1]
+        [--methods c3lt slc ldce-cls rcsb-28px] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
-GENERATIVE = ["c3lt", "slc", "ldce-cls", "rcsb"]
+GENERATIVE = ["c3lt", "slc", "ldce-cls", "rcsb-28px"]
 
 
 def same(masks: Counter) -> float:

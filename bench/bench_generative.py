@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explain.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
+from explain.methods import registered
 from explain.methods.c3lt import C3LT
 from explain.methods.generative import cout, s3_similarity
 from explain.methods.ldce import LDCE
@@ -162,7 +163,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="queries per direction of each pair")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--cache", type=Path, default=Path("var/bench_generative"))
-    parser.add_argument("--methods", default="c3lt,slc,ldce-cls,rcsb")
+    parser.add_argument(
+        "--methods",
+        default="c3lt,slc,ldce-cls,rcsb-28px",
+        help="methods or variants (rcsb's release cells do not tile 28 px: rcsb-28px)",
+    )
     parser.add_argument(
         "--budget", default="classifier=400,autoencoder=250,denoiser=400,bridge=400,sae=300,c3lt=60"
     )
@@ -243,9 +248,9 @@ def build(name: str, nets: dict, a: int, b: int, device: str):
         return SLC(autoencoder=nets["vae"], sae=nets["sae"])
     if name == "ldce-cls":
         return LDCE(autoencoder=nets["vae"], denoiser=nets["denoiser"])
-    if name == "rcsb":
-        return RCSB(bridge=nets["bridge"])
-    raise ValueError(f"unknown method {name!r}; choose from c3lt, slc, ldce-cls, rcsb")
+    if name in ("rcsb", "rcsb-28px"):
+        return RCSB(bridge=nets["bridge"], **registered(name).config())
+    raise ValueError(f"unknown method {name!r}; choose from c3lt, slc, ldce-cls, rcsb-28px")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import DDIMScheduler, UNet2DModel
 
+from explain.methods import registered
 from explain.methods.base import SplitClassifier
 from explain.methods.c3lt import C3LT
 from explain.methods.ldce import LDCE
@@ -112,15 +113,22 @@ def random_backbones(
     }
 
 
+def runnable(name: str, nets: dict) -> str:
+    """The registered name that runs on these images: the release's 16-pixel RCSB cells do not tile 28-pixel
+    images (``rcsb`` refuses them), so the embedded size runs the variant ``rcsb-28px``."""
+    return "rcsb-28px" if name == "rcsb" and nets["shape"][-1] % 16 else name
+
+
 def build(name: str, nets: dict, tiny: bool):
-    options = TINY_OPTIONS.get(name, {}) if tiny else {}
+    entry = registered(name)  # a variant runs with its registered config under the tiny options
+    options = {**entry.config(), **(TINY_OPTIONS.get(entry.method, {}) if tiny else {})}
     if name == "c3lt":
         return C3LT(autoencoder=nets["vae"], maps=nets["maps"])
     if name == "slc":
         return SLC(autoencoder=nets["vae"], sae=nets["sae"], **options)
     if name == "ldce-cls":
         return LDCE(autoencoder=nets["vae"], denoiser=nets["denoiser"], **options)
-    if name == "rcsb":
+    if entry.method == "rcsb":
         return RCSB(bridge=nets["bridge"], **options)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
@@ -183,6 +191,7 @@ def main() -> None:
         nets, weights = paper_models() if size == "paper" else embedded_models(args.backbones, args.tiny)
         nets = to_device(nets, args.device)
         for name in args.methods.split(","):
+            name = runnable(name, nets)
             method = build(name, nets, args.tiny)
             rates, nfe, note = {}, 0.0, ""
             timed_batch(method, nets, 1, args.device)  # warm-up (kernels, allocator)

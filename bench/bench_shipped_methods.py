@@ -1,10 +1,14 @@
-"""The generative methods at their paper defaults on the shipped backbones (explain/shipped/), on held-out
+"""The generative methods at their paper defaults (or a registered variant, by name) on the shipped backbones
+(explain/shipped/), on held-out
 test images of the demo's class pairs: flip rate (on the 8-bit image a rater is shown), L1, region area, NFE,
 seconds per counterfactual and the fraction of raw pixels outside [0, 1] before the clamp, one row per method
 and direction. Django-free.
 
-    .venv/bin/python bench/bench_shipped_methods.py [--n 10] [--methods c3lt slc ldce-cls rcsb] [--threads 1]
-        [--set rcsb.steps=25 ...]   # a departure from the paper, printed in the table's header
+    .venv/bin/python bench/bench_shipped_methods.py [--n 10] [--methods c3lt slc ldce-cls rcsb-28px]
+        [--threads 1] [--set rcsb-28px.steps=25 ...]   # a departure, printed in the table's header
+
+RCSB runs as ``rcsb-28px``: the release's 16-pixel cells do not tile 28-pixel images, and ``rcsb`` refuses
+them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from explain.methods import registered
 from explain.methods.c3lt import C3LT
 from explain.methods.ldce import LDCE
 from explain.methods.rcsb import RCSB
@@ -41,8 +46,12 @@ NAMES = [
 ]
 
 
-def build(method: str, folder: str, overrides: dict) -> object:
+def build(name: str, folder: str, overrides: dict) -> object:
+    """The method or variant ``name`` on the shipped models, with a variant's registered config under
+    ``overrides``."""
     root = SHIPPED_ROOT
+    entry = registered(name)
+    method, overrides = entry.method, {**entry.config(), **overrides}
     if method == "c3lt":
         return C3LT(autoencoder=root / "autoencoder", maps=root / folder, **overrides)
     if method == "slc":
@@ -51,7 +60,9 @@ def build(method: str, folder: str, overrides: dict) -> object:
         return LDCE(autoencoder=root / "autoencoder", denoiser=root / "denoiser", **overrides)
     if method == "rcsb":
         return RCSB(bridge=root / "bridge", **overrides)
-    raise SystemExit(f"unknown method {method!r}; choose from c3lt, slc, ldce-cls, rcsb")
+    raise SystemExit(
+        f"{name!r} is not a generative method with shipped models; choose c3lt, slc, ldce-cls, rcsb"
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
@@ -66,7 +77,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10, help="test images per direction of each pair")
-    parser.add_argument("--methods", nargs="+", default=["c3lt", "slc", "ldce-cls", "rcsb"])
+    parser.add_argument("--methods", nargs="+", default=["c3lt", "slc", "ldce-cls", "rcsb-28px"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--set", nargs="*", default=[], help="method.argument=value departures from the paper"
@@ -84,9 +95,12 @@ def main() -> None:
         if e["kind"] == "c3lt_maps"
     }
     departures = f" except {overrides}" if overrides else ""
+    variants = [m for m in args.methods if registered(m).variant]
+    departures += f"; variants {', '.join(variants)} as registered" if variants else ""
     print(f"shipped models, paper defaults{departures}; n {args.n} per direction")
     header = f"{'flip':>5} {'L1':>6} {'area':>5} {'NFE':>5} {'s/cf':>6} {'raw out':>7}"
-    print(f"{'method':<9} {'direction':<24} {header}")
+    width = max(9, *(len(m) for m in args.methods))
+    print(f"{'method':<{width}} {'direction':<24} {header}")
     totals: dict[str, list[float]] = {}
     for method in args.methods:
         for (a, b), folder in pairs.items():
@@ -106,12 +120,12 @@ def main() -> None:
                 area = np.mean([r.timings["region_area"] for r in results])
                 out = np.mean([r.timings["raw_out_of_range"] for r in results])
                 print(
-                    f"{method:<9} {direction:<24} {np.mean(flips):>5.2f} {l1:>6.3f} {area:>5.2f} {nfe:>5.0f} "
-                    f"{seconds:>6.2f} {out:>7.2f}",
+                    f"{method:<{width}} {direction:<24} {np.mean(flips):>5.2f} {l1:>6.3f} {area:>5.2f} "
+                    f"{nfe:>5.0f} {seconds:>6.2f} {out:>7.2f}",
                     flush=True,
                 )
     for method, flips in totals.items():
-        print(f"{method:<9} {'all directions':<24} {np.mean(flips):>5.2f}")
+        print(f"{method:<{width}} {'all directions':<24} {np.mean(flips):>5.2f}")
     print(
         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.threads} torch thread(s))"
     )

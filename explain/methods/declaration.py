@@ -71,7 +71,9 @@ class MethodDeclaration:
     ``class_names``: the constructor argument that receives the data set's class names, in index order.
     ``execution``: arguments that size the computation (chunk sizes) without changing its result; setting
     them is no departure. ``half_precision``: on a GPU the worker may load the method's models in float16
-    (``torch_dtype``); on a CPU they are always float32.
+    (``torch_dtype``); on a CPU they are always float32. ``tiles``: arguments that give the side, in pixels,
+    of square cells which must tile the image (divide its height and width), as the authors' code reshapes
+    the image into whole cells; the planner refuses a data set whose images they do not tile.
     """
 
     name: str
@@ -88,6 +90,7 @@ class MethodDeclaration:
     class_names: str | None = None
     execution: frozenset[str] = frozenset()
     half_precision: bool = False
+    tiles: frozenset[str] = frozenset()
     variants: tuple[Variant, ...] = ()
 
     @property

@@ -9,10 +9,11 @@ query's *predicted* class, under Captum's SmoothGrad noise tunnel (the mean over
 of the query with Gaussian noise of standard deviation ``smooth_sigma`` = 0.05 in [0, 1] pixel units);
 summed over channels, absolute value, divided by the value at which the sorted values' cumulative sum
 passes 98 % of their total and clipped to 1 (Captum's visualisation normalisation); summed into square cells
-of ``cell_size`` pixels (16); the cells at or above the highest of 200 evenly spaced quantile levels of the
-cell scores whose cells still make at most ``area`` (0.3) of the cells, and of those the ones with a
-positive score. Where even the top cell is more than ``area`` the release's loop falls through to its lowest
-level: every cell with a positive score.
+of ``cell_size`` pixels (16), which must tile the image as in the release (its reshape fails otherwise: on
+28-pixel images the demo runs the variant ``rcsb-28px``); the cells at or above the highest of 200 evenly
+spaced quantile levels of the cell scores whose cells still make at most ``area`` (0.3) of the cells, and of
+those the ones with a positive score. Where even the top cell is more than ``area`` the release's loop falls
+through to its lowest level: every cell with a positive score.
 
 Sampling (algorithm 3, the release's OT-ODE ``ddpm_dps_sampling``): in the bridge's range (the release's
 [-1, 1]), x_1 = (1 - R) o x* + R o z; the timeline t_k = round(k (M - 1) / N) for k = 0..N with M = tau T
@@ -31,7 +32,6 @@ it is halved, so that it moves the image by the same share of its range. A bridg
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -91,17 +91,35 @@ def normalised_attribution(attribution: torch.Tensor, outlier_percent: float = 2
     return (combined / threshold.view(-1, 1, 1)).clamp(max=1.0)
 
 
+def divisors(side: int) -> list[int]:
+    return [d for d in range(1, side + 1) if side % d == 0]
+
+
+def check_cells(size: tuple[int, int], cell_size: int) -> None:
+    """Refuse cells that do not tile an image of ``size`` (height, width): the release reshapes the image
+    into whole cells (``sum_into_cell_view``), which fails on any other size."""
+    height, width = size
+    if height % cell_size or width % cell_size:
+        fits = sorted(set(divisors(height)) & set(divisors(width)))
+        raise ValueError(
+            f"RCSB's {cell_size}-pixel cells do not tile {height} x {width} images (the authors' code "
+            "reshapes the image into whole cells and fails on this size); give a cell_size that divides both "
+            f"sides ({', '.join(map(str, fits))}), as the variant rcsb-28px does for 28-pixel images"
+        )
+
+
 def cell_grid(size: tuple[int, int], cell_size: int) -> tuple[int, int]:
-    """The (rows, columns) of ``cell_size`` pixel cells covering an image (partial cells at the edges)."""
-    return math.ceil(size[0] / cell_size), math.ceil(size[1] / cell_size)
+    """The (rows, columns) of ``cell_size`` pixel cells tiling an image of ``size`` (``check_cells``)."""
+    check_cells(size, cell_size)
+    return size[0] // cell_size, size[1] // cell_size
 
 
 def cell_scores(attribution: torch.Tensor, cell_size: int) -> torch.Tensor:
-    """(B, rows, columns): ``attribution`` (B, H, W) summed per cell (partial cells at the edges)."""
+    """(B, rows, columns): ``attribution`` (B, H, W) summed per cell (the release's
+    ``sum_into_cell_view``)."""
     b, height, width = attribution.shape
     gh, gw = cell_grid((height, width), cell_size)
-    padded = torch.nn.functional.pad(attribution, (0, gw * cell_size - width, 0, gh * cell_size - height))
-    return padded.view(b, gh, cell_size, gw, cell_size).sum(dim=(2, 4))
+    return attribution.view(b, gh, cell_size, gw, cell_size).sum(dim=(2, 4))
 
 
 def area_cells(scores: torch.Tensor, area: float, levels: int = 200) -> torch.Tensor:
@@ -129,10 +147,9 @@ def area_cells(scores: torch.Tensor, area: float, levels: int = 200) -> torch.Te
 def top_cells_region(attribution: torch.Tensor, cell_size: int, area: float) -> torch.Tensor:
     """(B, 1, H, W) binary regions from attributions (B, C, H, W): normalised, summed per cell, the cells
     ``area_cells`` keeps."""
-    _, _, height, width = attribution.shape
     chosen = area_cells(cell_scores(normalised_attribution(attribution), cell_size), area)
     pixels = chosen.repeat_interleave(cell_size, 1).repeat_interleave(cell_size, 2)
-    return pixels[:, None, :height, :width].to(attribution.dtype)
+    return pixels[:, None].to(attribution.dtype)
 
 
 def classifier_view(x0_hat: torch.Tensor, image_range: tuple[float, float]) -> torch.Tensor:
@@ -165,16 +182,18 @@ DECLARATION = MethodDeclaration(
     kind="generative",
     backbones={"bridge": BRIDGE},
     batch=16,
+    tiles=frozenset({"cell_size"}),
     variants=(
         Variant(
             name="rcsb-28px",
             overrides={"cell_size": 4, "area": 0.4},
             reason="28-pixel images. Cells: the release gives the cell in pixels (16 on its 128-pixel "
-            "CelebA as on its 256-pixel ImageNet), and on 28 pixels 16-pixel cells are one full and three "
-            "partial cells (the release refuses such a side): at area 0.3 the region is the same block (the "
-            "top-left one) for 57 of the demo's 60 learning queries, whatever the garment. 4-pixel cells "
-            "are the classifier's 7 x 7 feature grid. Area: with 4-pixel cells and the release's area 0.3 "
-            "the guidance flips 45 of the 60 on the shipped backbones, and a larger scale does not help "
+            "CelebA as on its 256-pixel ImageNet) and reshapes the image into whole cells, so its 16-pixel "
+            "cells do not run on 28-pixel images (rcsb refuses them as the release fails; before, padded to "
+            "one full and three partial cells, the region was the same block for 57 of the demo's 60 "
+            "learning queries, whatever the garment, and flipped 37 to 43 of them). 4-pixel cells are the "
+            "classifier's 7 x 7 feature grid. Area: with 4-pixel cells and the release's area 0.3 the "
+            "guidance flips 45 of the 60 on the shipped backbones, and a larger scale does not help "
             "(s 6 and s 12: 51); the region's size does: area 0.4 flips 52 to 55 of 60 with 39% of the "
             "image changed (the unit seeds differ between databases; 0.5: 56 to 57, with half the image; "
             "bench/bench_demo_flips.py). Everything else at the release's defaults",
@@ -269,6 +288,7 @@ class RCSB(GenerativeMethod):
                 f"the bridge makes {bridge.channels}-channel images but the classifier's have {x.shape[1]}; "
                 "use a bridge trained on images like the data set's"
             )
+        check_cells(tuple(x.shape[-2:]), self.cell_size)  # before the attributions' 250 passes
         region = self.region(model, x, noise["smooth"])
         keep = region == 0  # (1 - R): where x* is copied back, exactly
         x_star = x

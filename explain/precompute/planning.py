@@ -13,7 +13,7 @@ from django.db import transaction
 
 from explain.methods import Registered, is_registered, method_names, registered
 from explain.methods.declaration import Model
-from explain.models import Backbone, Image, PrecomputePlan, WorkUnit
+from explain.models import Backbone, Dataset, Image, PrecomputePlan, WorkUnit
 from explain.precompute.advancing import plan_advance
 from explain.precompute.units import (
     DEFAULT_QUEUE,
@@ -220,6 +220,7 @@ def _check_plannable(
             )
     for method in sorted(methods):
         _check_config(registered(method), (method_config or {}).get(method, {}))
+        _check_tiles(registered(method), (method_config or {}).get(method, {}), study.dataset)
     for kind in backbone_params or {}:
         if kind not in Backbone.Kind.values:
             raise ValidationError(
@@ -264,6 +265,36 @@ def _check_config(entry: Registered, given: dict[str, Any]) -> None:
         + (f" (registered: {', '.join(named)})" if named else "")
         + f", or declare one with its reason beside the method in {where}."
     )
+
+
+def _check_tiles(entry: Registered, given: dict[str, Any], dataset: Dataset) -> None:
+    """Refuse cells (a declaration's ``tiles``) that do not tile the data set's images, whose size is known
+    (an image size that varies is checked by the method itself, on the images it is given)."""
+    height, width = dataset.image_height, dataset.image_width
+    if not height or not width:
+        return
+    config = {**entry.defaults, **entry.config(), **given}
+    for argument in sorted(entry.declaration.tiles):
+        side = config.get(argument)
+        if not isinstance(side, int) or (height % side == 0 and width % side == 0):
+            continue
+        declared = entry.declaration
+        fitting = [
+            v.name
+            for v in declared.variants
+            if isinstance(v.overrides.get(argument), int)
+            and height % v.overrides[argument] == 0
+            and width % v.overrides[argument] == 0
+        ]
+        where = f"explain/methods/{declared.target.partition(':')[0].rpartition('.')[2]}.py"
+        raise ValidationError(
+            f"Method {entry.name!r} cuts images into {side}-pixel cells ({argument} = {side}), which do not "
+            f"tile data set {dataset.name!r}'s {width} x {height} images: the authors' code reshapes an "
+            f"image into whole cells and fails on this size. Name a variant whose {argument} divides "
+            + (f"{height}" if height == width else f"{height} and {width}")
+            + (f" (registered: {', '.join(fitting)})" if fitting else "")
+            + f", or declare one with its reason beside the method in {where}."
+        )
 
 
 def _plan_backbone(study: Study, model: Model, queue: str, params: dict) -> str | None:

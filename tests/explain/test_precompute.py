@@ -289,6 +289,11 @@ def test_units_start_as_soon_as_the_models_they_need_are_ready(study, monkeypatc
         ("departs", r"depart from the paper's defaults: max_edits \(None -> 3\)\. Name a variant"),
         ("unknown_setting", "sets max_steps, which explain.methods.cve:CVE does not take"),
         ("variant_departs", r"depart from variant 'ldce-cls-cpu-tiny'.*: lambda_c \(2\.3 -> 5\.0\)"),
+        (
+            "cells_do_not_tile",
+            r"'rcsb' cuts images into 16-pixel cells \(cell_size = 16\), which do not tile data set "
+            r"'slice''s 28 x 28 images.*\(registered: rcsb-28px, rcsb-cpu-demo, rcsb-cpu-tiny\)",
+        ),
     ],
 )
 def test_planning_refuses_what_it_cannot_do_and_names_the_problem(study, change, message):
@@ -312,9 +317,18 @@ def test_planning_refuses_what_it_cannot_do_and_names_the_problem(study, change,
     elif change == "variant_departs":
         study.conditions.update(method="ldce-cls-cpu-tiny")
         kwargs["method_config"] = {"ldce-cls-cpu-tiny": {"lambda_c": 5.0, "consensus": False}}
+    elif change == "cells_do_not_tile":
+        study.conditions.update(method="rcsb")
     with pytest.raises(ValidationError, match=message):
         study_precompute(study=study, **kwargs)
     assert not WorkUnit.objects.exists()
+
+
+def test_cells_that_tile_the_images_are_planned(study):
+    """The refusal above is about the cell size, not the method: rcsb-28px's 4-pixel cells tile 28 px."""
+    study.conditions.update(method="rcsb-28px")
+    plan = study_precompute(study=study, semantic_pool=1)
+    assert WorkUnit.objects.filter(plan=plan).count() == 2 * 2  # two setups, n_learning 2
 
 
 def test_a_variant_is_planned_and_its_results_say_how_it_departs_from_the_paper(study, monkeypatch):

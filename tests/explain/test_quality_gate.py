@@ -26,7 +26,9 @@ def rcsb_study(tmp_path):
     dataset, classifier, coat, pullover = fashion_slice(
         name="gate", per_class=12, checkpoint=trained_checkpoint(tmp_path)
     )
-    study = study_create(title="gate", dataset=dataset, classifier=classifier, methods=["rcsb"], n_learning=1)
+    study = study_create(
+        title="gate", dataset=dataset, classifier=classifier, methods=["rcsb-28px"], n_learning=1
+    )
     class_pair_add(study=study, class_a=coat, class_b=pullover)
     bridge = Backbone.objects.create(
         dataset=dataset, kind="bridge", name="weak bridge", path=str(tmp_path), provenance={"quality": FAILED}
@@ -39,7 +41,7 @@ def test_the_planner_refuses_a_backbone_that_failed_its_card_naming_it_the_figur
     with pytest.raises(ValidationError) as refused:
         study_precompute(study=study, semantic_pool=1)
     message = refused.value.messages[0]
-    assert "'rcsb'" in message and "weak bridge: inpaint_l1_ratio = 1.31, needs <= 0.9" in message
+    assert "'rcsb-28px'" in message and "weak bridge: inpaint_l1_ratio = 1.31, needs <= 0.9" in message
     assert "quality_override" in message
     assert not WorkUnit.objects.exists()  # nothing planned
 
@@ -63,7 +65,7 @@ def test_the_worker_refuses_a_model_whose_card_failed_after_planning(rcsb_study)
     ran = work_unit_run(unit_id=unit.pk)
     assert ran.status == WorkUnit.Status.FAILED
     assert ran.error.startswith(
-        "Method 'rcsb' would run on backbones that fail their quality card (weak bridge:"
+        "Method 'rcsb-28px' would run on backbones that fail their quality card (weak bridge:"
     )
 
 

@@ -96,14 +96,19 @@ def test_region_with_fewer_positive_cells_than_the_area_takes_them_all():
     torch.testing.assert_close(region[0, 0], cells_of([[0, 0, 0], [0, 1, 0], [0, 0, 0]], 4)[0, 0].float())
 
 
-def test_partial_cells_cover_an_image_whose_side_is_not_a_multiple_of_the_cell():
-    """28 px, 16 px cells: a 2 x 2 grid of 16/12 px cells; one of four cells fits area 0.3."""
+def test_cells_that_do_not_tile_the_image_are_refused_as_the_release_fails():
+    """28 px, 16 px cells: the release's reshape into whole cells fails; ours says so and what fits."""
     attribution = torch.zeros(1, 1, 28, 28)
-    attribution[0, 0, 20, 25] = 1.0  # in the partial bottom-right cell
-    attribution[0, 0, 2, 2] = 0.5
-    region = top_cells_region(attribution, 16, area=0.3)
+    attribution[0, 0, 20, 25] = 1.0
+    with pytest.raises(
+        ValueError, match=r"16-pixel cells do not tile 28 x 28 images.*\(1, 2, 4, 7, 14, 28\)"
+    ):
+        top_cells_region(attribution, 16, area=0.3)
+    with pytest.raises(ValueError, match=r"5-pixel cells do not tile 28 x 30 images.*\(1, 2\)"):
+        top_cells_region(torch.zeros(1, 1, 28, 30), 5, area=0.3)
+    region = top_cells_region(attribution, 7, area=0.1)  # 7 tiles 28: the bottom-right cell of 4 x 4
     expected = torch.zeros(28, 28)
-    expected[16:, 16:] = 1
+    expected[14:21, 21:] = 1
     torch.testing.assert_close(region[0, 0], expected)
 
 
@@ -228,14 +233,28 @@ def test_the_tiny_demo_variant_departs_only_for_its_cpu_budget():
     assert tiny.variant.demo_budget == "tiny"
 
 
-def test_sixteen_pixel_cells_on_28_pixels_favour_the_one_full_cell():
-    """rcsb-28px's reason: on 28 pixels the release's 16-pixel cells are one full cell (top-left, 256 pixels)
-    and three partial ones (192, 192, 144 pixels), so an attribution spread evenly over the image gives the
-    top-left block the region at area 0.3; 4-pixel cells tile 28 pixels exactly (7 x 7)."""
-    from explain.methods.rcsb import area_cells, cell_grid, cell_scores
+def test_rcsb_at_the_release_defaults_refuses_28_pixel_images_before_its_attributions():
+    """rcsb-28px's reason: the release's 16-pixel cells do not tile 28 pixels; RCSB refuses the batch before
+    the 250 attribution passes, and 4-pixel cells (the variant's) tile it exactly (7 x 7)."""
+    from explain.methods.rcsb import cell_grid, cell_scores
 
+    calls = []
+
+    class Counted(nn.Identity):
+        def forward(self, x):
+            calls.append(len(x))
+            return x
+
+    g = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3)).eval()
+    counted = SplitClassifier(f=Counted(), g=g)
+    bridge = InpaintingBridge(unet=ZeroNet(), schedule=BridgeSchedule(), image_range=(0.0, 1.0))
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"16-pixel cells do not tile 28 x 28 images.*rcsb-28px"):
+        RCSB(bridge=bridge).explain_batch(counted, x, [1, 2], generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # the query's own prediction (the batch's check), no attribution pass
+    results = RCSB(
+        bridge=bridge, steps=1, tau=0.002, cell_size=4, ig_steps=2, smooth_samples=1
+    ).explain_batch(counted, x, [1, 2], generator=torch.Generator().manual_seed(0))
+    assert len(results) == 2 and len(calls) > 1
     even = torch.ones(1, 28, 28)
-    assert cell_grid((28, 28), 16) == (2, 2)
-    assert cell_scores(even, 16)[0].tolist() == [[256.0, 192.0], [192.0, 144.0]]
-    assert area_cells(cell_scores(even, 16), 0.3)[0].tolist() == [[True, False], [False, False]]
     assert cell_grid((28, 28), 4) == (7, 7) and cell_scores(even, 4).unique().tolist() == [16.0]

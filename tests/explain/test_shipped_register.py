@@ -34,7 +34,7 @@ def test_shipped_models_drive_a_study_without_training(tmp_path):
     labels = {c.index: c for c in dataset.classes.all()}
     study = study_create(
         title="on shipped models", dataset=dataset, classifier=classifier,
-        methods=["c3lt", "rcsb", "ldce-cls", "slc", "semantic"], n_learning=1,
+        methods=["c3lt", "rcsb-28px", "ldce-cls", "slc", "semantic"], n_learning=1,
     )  # fmt: skip
     class_pair_add(study=study, class_a=labels[b], class_b=labels[a])  # the maps' other direction
     # Some shipped models fail their cards (README: shipped models); test_the_planner_judges_... covers that.
@@ -70,7 +70,7 @@ def test_the_planner_judges_the_shipped_models_by_their_cards():
         a, b = entry["arguments"]["pair"]
         study = study_create(
             title=f"cards {a}-{b}", dataset=dataset, classifier=classifier,
-            methods=["c3lt", "rcsb", "ldce-cls", "slc"], n_learning=1,
+            methods=["c3lt", "rcsb-28px", "ldce-cls", "slc"], n_learning=1,
         )  # fmt: skip
         class_pair_add(study=study, class_a=labels[a], class_b=labels[b])
         used = {f for f in models if not f.startswith("c3lt_maps")} | {folder}
