@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ema-decay", type=float, default=0.999, help="the latent denoiser's weight averaging (EMA) decay"
     )
+    p.add_argument(
+        "--beta-max", type=float, default=1.0,
+        help="the bridge's noise schedule (RCSB's release: 1.0; I2SB's own default: 0.3)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     return p
 
@@ -217,13 +221,14 @@ def train_denoiser_kind(args, out: Path) -> dict[str, Any]:
 
 
 def train_bridge_kind(args, out: Path) -> dict[str, Any]:
-    from explain.nets.bridge import bridge_config, train_bridge
+    from explain.nets.bridge import BridgeSchedule, bridge_config, train_bridge
 
     x, _ = fashion_mnist("train")
     widths = tuple(args.widths)
     cfg = bridge_config(1, 28, widths, norm_num_groups=min(16, widths[0]))
     train_bridge(
         x, out, args.steps, batch_size=args.batch_size, lr=args.lr, config=cfg, generator=_generator(args),
+        schedule=BridgeSchedule(beta_max=args.beta_max),
         progress=_progress("bridge"), data_note="Fashion-MNIST training split (60,000 images)",
     )  # fmt: skip
     return _record(out)

@@ -229,7 +229,7 @@ def test_the_tiny_demo_variant_departs_only_for_its_cpu_budget():
     from explain.methods import registered
 
     tiny = registered("rcsb-cpu-tiny")
-    assert tiny.config() == {"steps": 20, "area": 0.5, "cell_size": 4, "ig_steps": 4, "smooth_samples": 1}
+    assert tiny.config() == {"steps": 10, "area": 0.5, "cell_size": 4, "ig_steps": 4, "smooth_samples": 1}
     assert tiny.variant.demo_budget == "tiny"
 
 
