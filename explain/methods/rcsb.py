@@ -91,16 +91,12 @@ def normalised_attribution(attribution: torch.Tensor, outlier_percent: float = 2
     return (combined / threshold.view(-1, 1, 1)).clamp(max=1.0)
 
 
-def divisors(side: int) -> list[int]:
-    return [d for d in range(1, side + 1) if side % d == 0]
-
-
 def check_cells(size: tuple[int, int], cell_size: int) -> None:
     """Refuse cells that do not tile an image of ``size`` (height, width): the release reshapes the image
     into whole cells (``sum_into_cell_view``), which fails on any other size."""
     height, width = size
     if height % cell_size or width % cell_size:
-        fits = sorted(set(divisors(height)) & set(divisors(width)))
+        fits = [d for d in range(1, min(height, width) + 1) if height % d == 0 and width % d == 0]
         raise ValueError(
             f"RCSB's {cell_size}-pixel cells do not tile {height} x {width} images (the authors' code "
             "reshapes the image into whole cells and fails on this size); give a cell_size that divides both "

@@ -12,7 +12,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from explain.methods import Registered, is_registered, method_names, registered
-from explain.methods.declaration import Model
+from explain.methods.declaration import MethodDeclaration, Model
 from explain.models import Backbone, Dataset, Image, PrecomputePlan, WorkUnit
 from explain.precompute.advancing import plan_advance
 from explain.precompute.units import (
@@ -219,8 +219,9 @@ def _check_plannable(
                 'a JSON object, e.g. {"max_edits": 5}.'
             )
     for method in sorted(methods):
-        _check_config(registered(method), (method_config or {}).get(method, {}))
-        _check_tiles(registered(method), (method_config or {}).get(method, {}), study.dataset)
+        entry, given = registered(method), (method_config or {}).get(method, {})
+        _check_config(entry, given)
+        _check_tiles(entry, given, study.dataset)
     for kind in backbone_params or {}:
         if kind not in Backbone.Kind.values:
             raise ValidationError(
@@ -257,14 +258,18 @@ def _check_config(entry: Registered, given: dict[str, Any]) -> None:
         if entry.config().get(key, entry.defaults.get(key)) != change["value"]
     )
     named = [v.name for v in declared.variants]
-    where = f"explain/methods/{declared.target.partition(':')[0].rpartition('.')[2]}.py"
     raise ValidationError(
         f"The conditions named {entry.name!r} would run with settings that depart from "
         + (f"variant {entry.name!r}'s registered config" if entry.variant else "the paper's defaults")
         + f": {differ}. Name a variant instead"
         + (f" (registered: {', '.join(named)})" if named else "")
-        + f", or declare one with its reason beside the method in {where}."
+        + f", or declare one with its reason beside the method in {_declared_in(declared)}."
     )
+
+
+def _declared_in(declared: MethodDeclaration) -> str:
+    """The method file that holds ``declared`` (where a new variant is declared)."""
+    return f"explain/methods/{declared.target.partition(':')[0].rpartition('.')[2]}.py"
 
 
 def _check_tiles(entry: Registered, given: dict[str, Any], dataset: Dataset) -> None:
@@ -274,26 +279,23 @@ def _check_tiles(entry: Registered, given: dict[str, Any], dataset: Dataset) -> 
     if not height or not width:
         return
     config = {**entry.defaults, **entry.config(), **given}
-    for argument in sorted(entry.declaration.tiles):
+
+    def tile(side: Any) -> bool:
+        return isinstance(side, int) and height % side == 0 and width % side == 0
+
+    declared = entry.declaration
+    for argument in sorted(declared.tiles):
         side = config.get(argument)
-        if not isinstance(side, int) or (height % side == 0 and width % side == 0):
+        if not isinstance(side, int) or tile(side):
             continue
-        declared = entry.declaration
-        fitting = [
-            v.name
-            for v in declared.variants
-            if isinstance(v.overrides.get(argument), int)
-            and height % v.overrides[argument] == 0
-            and width % v.overrides[argument] == 0
-        ]
-        where = f"explain/methods/{declared.target.partition(':')[0].rpartition('.')[2]}.py"
+        fitting = [v.name for v in declared.variants if tile(v.overrides.get(argument))]
         raise ValidationError(
             f"Method {entry.name!r} cuts images into {side}-pixel cells ({argument} = {side}), which do not "
             f"tile data set {dataset.name!r}'s {width} x {height} images: the authors' code reshapes an "
             f"image into whole cells and fails on this size. Name a variant whose {argument} divides "
             + (f"{height}" if height == width else f"{height} and {width}")
             + (f" (registered: {', '.join(fitting)})" if fitting else "")
-            + f", or declare one with its reason beside the method in {where}."
+            + f", or declare one with its reason beside the method in {_declared_in(declared)}."
         )
 
 
