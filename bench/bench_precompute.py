@@ -131,6 +131,7 @@ def with_worker(checkpoint: Path, n_learning: int) -> tuple[float, int, int]:
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
     django.setup()
+    from django.conf import settings
     from django.core.files.base import ContentFile
     from django.core.management import call_command
     from django.db import connection
@@ -178,6 +179,9 @@ def with_worker(checkpoint: Path, n_learning: int) -> tuple[float, int, int]:
     db = connection.settings_dict
     url = f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FOIL_DEVICE": "cpu", "DATABASE_URL": url}
+    env["FOIL_BROKER_NAMESPACE"] = (
+        settings.FOIL_BROKER_NAMESPACE
+    )  # the sender's, whatever the database's name
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-worker-{tag}.log", "w")
     worker = subprocess.Popen(
         [

@@ -183,6 +183,11 @@ elif _answers("127.0.0.1", 6379):
 else:
     CELERY_BROKER_URL = "filesystem://"
     BROKER_SOURCE = "embedded file-system broker (no CELERY_BROKER_URL set and no Redis on 127.0.0.1:6379)"
+# On Redis every key (the queues, the workers' control channel) carries the database's name, so that two
+# installations on one Redis database (a demo beside a benchmark, two clones) never take each other's tasks:
+# a worker serves only the web of its own database, wherever it runs and whatever host the URL names the
+# database by. FOIL_BROKER_NAMESPACE sets another name (give web and workers the same one).
+FOIL_BROKER_NAMESPACE = os.environ.get("FOIL_BROKER_NAMESPACE") or Path(DATABASES["default"]["NAME"]).name
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = BASE_DIR / "var" / "broker"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -194,9 +199,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     for _sub in ("queue", "processed"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
 else:
-    # With late acknowledgement a task whose worker died is delivered again after this many seconds.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # With late acknowledgement a task whose worker died is delivered again after this many seconds.
         "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "3600")),
+        "global_keyprefix": f"foil:{FOIL_BROKER_NAMESPACE}:",
     }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

@@ -110,6 +110,8 @@ class Worker:
             "DJANGO_SETTINGS_MODULE": "config.settings.test",
             "DATABASE_URL": f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
             "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+            # the test database's name differs from the one these settings were made with
+            "FOIL_BROKER_NAMESPACE": settings.FOIL_BROKER_NAMESPACE,
             "FOIL_TEST_MEDIA_ROOT": str(settings.MEDIA_ROOT),
             "FOIL_DEVICE": "cpu",
             "OMP_NUM_THREADS": "1",

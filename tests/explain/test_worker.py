@@ -30,6 +30,7 @@ def worker_queue(django_db_setup, django_db_blocker, tmp_path_factory):
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "DATABASE_URL": f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "FOIL_BROKER_NAMESPACE": settings.FOIL_BROKER_NAMESPACE,  # the test database has another name
         "FOIL_TEST_MEDIA_ROOT": str(settings.MEDIA_ROOT),
     }
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
@@ -91,3 +92,39 @@ def test_worker_keeps_the_error_of_a_failed_job(transactional_db, worker_queue):
     )
     assert job.status == Job.Status.FAILED
     assert "DoesNotExist" in job.error and "Dataset matching query does not exist" in job.error
+
+
+@pytest.mark.slow
+def test_a_worker_of_another_installation_on_the_same_redis_leaves_our_tasks(transactional_db, tmp_path):
+    """Two installations on one Redis database (a demo beside a benchmark) used to take each other's tasks
+    and fail them on the wrong database. A worker of another namespace, listening on the very queue, leaves
+    the job waiting in our namespace's queue; a worker of ours then runs it."""
+    import redis
+
+    from tests.explain.precompute_helpers import Worker
+
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    stranger = Worker(
+        queue, tmp_path / "stranger.log", {"FOIL_BROKER_NAMESPACE": f"other-{uuid.uuid4().hex[:6]}"}
+    )
+    ours = Worker(queue, tmp_path / "ours.log")
+    dataset = DatasetFactory(name="namespaced")
+    ImageFactory(class_label=ClassLabelFactory(dataset=dataset, index=0, name="Coat"), split="train")
+    try:
+        stranger.start()
+        job = job_create(kind="dataset_verify", params={"dataset_id": dataset.pk}, queue=queue)
+        time.sleep(6)  # a worker on the same keys takes a message within a second of its arrival
+        job.refresh_from_db()
+        assert job.status == Job.Status.QUEUED, f"another installation's worker ran our job: {job.status}"
+        waiting = redis.Redis.from_url(settings.CELERY_BROKER_URL).llen(
+            f"foil:{settings.FOIL_BROKER_NAMESPACE}:{queue}"
+        )
+        assert waiting == 1
+        assert "Received task" not in stranger.log_path.read_text()
+
+        ours.start()
+        job = wait_for_job(job)
+        assert job.status == Job.Status.DONE, job.error
+    finally:
+        stranger.stop()
+        ours.stop()

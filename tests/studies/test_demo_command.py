@@ -88,6 +88,8 @@ def test_demo_starts_site_and_worker_and_prints_where_to_go(scratch_database, mo
     try:
         output = read_until(process, "Press Ctrl-C to stop.")
         assert "Database: DATABASE_URL" in output and "Created database" in output
+        # its worker and tasks live under its database's name, apart from any other installation on this Redis
+        assert f"keys under foil:{scratch_database.rsplit('/', 1)[1]}:" in output
         assert f"Researcher admin: http://127.0.0.1:{port}/admin/" in output
         assert "grace / a-demo-password-42" in output
         worker_pid = int(re.search(r"Celery worker:\s+pid (\d+)", output).group(1))
@@ -117,11 +119,14 @@ def test_demo_starts_site_and_worker_and_prints_where_to_go(scratch_database, mo
         assert missing.value.code == 404 and "URLconf" not in body and "admin/" not in body
         assert "Debug:    off" in output
 
-        # The worker answers on the broker the demo was given. Celery prefers a CELERY_BROKER_URL in the
-        # environment to the broker it is given, so point that at the demo's broker too.
-        # One ping can miss its reply on a loaded machine, so ask for up to 60 s.
+        # The worker answers on the broker the demo was given, under its database's name. Celery prefers a
+        # CELERY_BROKER_URL in the environment to the broker it is given, so point that at the demo's broker
+        # too. One ping can miss its reply on a loaded machine, so ask for up to 60 s.
         monkeypatch.setenv("CELERY_BROKER_URL", broker)
-        control, replies, deadline = Celery(broker=broker).control, [], time.monotonic() + 60
+        app = Celery(broker=broker)
+        namespace = f"foil:{scratch_database.rsplit('/', 1)[1]}:"
+        app.conf.broker_transport_options = {"global_keyprefix": namespace}
+        control, replies, deadline = app.control, [], time.monotonic() + 60
         while not replies and time.monotonic() < deadline:
             replies = control.ping(timeout=3)
         assert any(name.startswith("demo-") for reply in replies for name in reply), replies

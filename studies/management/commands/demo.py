@@ -93,7 +93,8 @@ class Command(BaseCommand):
         if simulate < 0:
             raise CommandError(f"--simulate takes a number of raters >= 0, not {simulate}")
         say(f"Database: {settings.DATABASE_SOURCE}")
-        say(f"Broker:   {settings.BROKER_SOURCE}")
+        namespace = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("global_keyprefix")
+        say(f"Broker:   {settings.BROKER_SOURCE}" + (f", keys under {namespace}" if namespace else ""))
         if not settings.DATABASE_IS_POSTGRES or not settings.CELERY_BROKER_URL.startswith("redis://"):
             say("          (embedded defaults for a first look; start PostgreSQL and Redis for real studies)")
         if settings.DATABASE_IS_POSTGRES and database_ensure():
