@@ -140,3 +140,58 @@ def test_the_shipped_classifier_config_matches_its_manifest():
         and config["options"]["width"] == MODELS["classifier"]["arguments"]["width"]
     )
     assert MODELS["classifier"]["test_accuracy"] > 0.88
+
+
+# What a run of a recorded command writes besides the weights and that does not depend on how long it
+# trained: the folders' configs and schedules (less the values measured from the trained weights), and of
+# training.json what describes the run rather than its losses.
+RUN_INDEPENDENT = ("kind", "hyperparameters", "classes", "cycle_layers")
+MEASURED = {"scaling_factor"}  # the autoencoder's, 1 / std of its trained latents
+DEPENDS_ON = {"denoiser": ["autoencoder"], "sae": ["classifier"], "c3lt_maps": ["autoencoder", "classifier"]}
+
+
+def _layout(folder, kind: str) -> dict[str, object]:
+    """Every JSON file but command.json (training.json only in its run-independent part), and every weight
+    file's tensor names and shapes: what a changed default, schedule or architecture would change."""
+    from safetensors import safe_open
+
+    layout: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.suffix == ".json" and path.name != "command.json":
+            content = json.loads(path.read_text())
+            if path.name == "training.json":
+                content = {k: content[k] for k in RUN_INDEPENDENT if k in content}
+                content.get("hyperparameters", {}).pop("steps", None)
+            elif (
+                name == "config.json"
+                and (folder / "training.json").is_file()
+                and "block_out_channels" in content
+            ):
+                # an autoencoder trained here without image_range in its config is read as [0, 1]
+                content.setdefault("image_range", [0.0, 1.0])
+            layout[name] = {k: v for k, v in content.items() if k not in MEASURED}
+        elif path.suffix == ".safetensors":
+            with safe_open(path, "pt") as weights:
+                layout[name] = {k: list(weights.get_slice(k).get_shape()) for k in weights.keys()}
+    return layout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "folder", sorted(f for f in MODELS if MODELS[f]["kind"] not in ("classifier", "auxiliary"))
+)
+def test_the_recorded_command_run_again_writes_the_shipped_configs_and_layout(folder, tmp_path, one_thread):
+    """FOIL_DEMO_TRAIN=1 retrains with the recorded commands: run for two steps, each must write the configs,
+    schedules and weight shapes that ship. A default changed since (the bridge's beta_max once was) fails."""
+    entry = MODELS[folder]
+    argv = list(entry["command"][3:])
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    argv[argv.index("--steps") + 1] = "2"
+    for needed in DEPENDS_ON.get(entry["kind"], []):
+        (tmp_path / needed).symlink_to(SHIPPED_ROOT / needed)
+    train.main(argv)
+    shipped, again = _layout(SHIPPED_ROOT / folder, entry["kind"]), _layout(tmp_path / folder, entry["kind"])
+    assert sorted(again) == sorted(shipped)
+    for name in shipped:
+        assert again[name] == shipped[name], name
