@@ -89,8 +89,9 @@ def main() -> None:
         "candidates per pair "
         f"(classifier test accuracy {classifier.test_accuracy:.3f}); worker path, one unit seed each"
     )
+    w = max(18, *(len(m) for m in args.methods))
     print(
-        f"{'method':<18} {'pair':<22} {'flip':>5} {'L1':>6} {'area':>5} {'same':>5} {'NFE':>5} {'s/cf':>6} "
+        f"{'method':<{w}} {'pair':<22} {'flip':>5} {'L1':>6} {'area':>5} {'same':>5} {'NFE':>5} {'s/cf':>6} "
         f"{'load':>5}"
     )
     totals: dict[str, list[float]] = {}
@@ -132,13 +133,13 @@ def main() -> None:
             regions.setdefault(method, Counter()).update(masks)
             mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
             print(
-                f"{method:<18} {str(pair)[:22]:<22} {mean(flips):>5.2f} {mean(l1):>6.3f} {mean(area):>5.2f} "
+                f"{method:<{w}} {str(pair)[:22]:<22} {mean(flips):>5.2f} {mean(l1):>6.3f} {mean(area):>5.2f} "
                 f"{same(masks):>5.2f} {mean(nfe):>5.0f} {mean(seconds):>6.2f} {os.getloadavg()[0]:>5.1f}",
                 flush=True,
             )
     for method, flips in totals.items():
         print(
-            f"{method:<18} {'all pairs':<22} {np.mean(flips):>5.2f}  ({int(sum(flips))} of {len(flips)}; "
+            f"{method:<{w}} {'all pairs':<22} {np.mean(flips):>5.2f}  ({int(sum(flips))} of {len(flips)}; "
             f"the most common region for {same(regions[method]):.2f} of the queries)"
         )
     load = os.getloadavg()[0]
