@@ -106,12 +106,14 @@ def plan_explanation(
 
 
 def enqueue(units: list[WorkUnit]) -> None:
-    """Send units to their queue once the surrounding transaction commits, grouped as their method batches."""
-    groups: dict[tuple[str, int], list[int]] = {}
+    """Send units to their queue once the surrounding transaction commits, in tasks of their method's batch
+    size, one condition to a task: the worker batches a task's units by condition, so a task mixing
+    conditions ran as several small batches, each paying a generative method's per-step cost in full."""
+    groups: dict[tuple[str, int, int | None], list[int]] = {}
     for unit in units:
         batch = registered(unit.condition.method).declaration.batch if unit.condition_id else 1
-        groups.setdefault((unit.queue, batch), []).append(unit.pk)
-    for (queue, batch), ids in groups.items():
+        groups.setdefault((unit.queue, batch, unit.condition_id), []).append(unit.pk)
+    for (queue, batch, _), ids in groups.items():
         for begin in range(0, len(ids), batch):
             chunk = ids[begin : begin + batch]
             transaction.on_commit(

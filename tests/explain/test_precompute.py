@@ -359,3 +359,22 @@ def test_a_condition_added_later_is_planned_on_the_next_run(study):
     condition_add(study=study, method="cve", setup=Condition.Setup.CONSISTENT)
     study_precompute(study=study, semantic_pool=2)
     assert WorkUnit.objects.filter(plan=plan).count() == 2 + 4
+
+
+def test_each_task_sent_holds_one_conditions_units_up_to_the_methods_batch(
+    study, monkeypatch, django_capture_on_commit_callbacks
+):
+    """The worker batches a task's units by condition: a task that mixed conditions ran as several small
+    batches. Units are sent in tasks of at most the method's batch, each of one condition."""
+    import explain.precompute.units as units_module
+
+    redeclare(monkeypatch, "cve", batch=3)
+    sent: list[list[int]] = []
+    monkeypatch.setattr(units_module.current_app, "send_task", lambda name, args, queue: sent.append(args[0]))
+    with django_capture_on_commit_callbacks(execute=True):
+        plan = study_precompute(study=study, semantic_pool=2)  # 2 random units, 4 consistent ones
+
+    by_id = dict(WorkUnit.objects.filter(plan=plan).values_list("pk", "condition_id"))
+    assert sorted(i for task in sent for i in task) == sorted(by_id)  # each unit sent once
+    assert all(len({by_id[i] for i in task}) == 1 for task in sent), sent
+    assert sorted(len(task) for task in sent) == [1, 2, 3]  # random: 2; consistent: 3 + 1
