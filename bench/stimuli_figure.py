@@ -37,7 +37,7 @@ GENERATIVE = {"c3lt", "slc", "ldce-cls", "ldce-txt", "rcsb"}
 
 def caption(explanation: Explanation) -> str:
     m = explanation.metrics or {}
-    # a variant (ldce-cls-cpu-demo) is captioned as the method it varies
+    # a variant (ldce-cls-fashion-mnist) is captioned as the method it varies
     method = (explanation.config or {}).get("declared_method") or explanation.condition.method
     if method in GENERATIVE or method.split("@")[0] in GENERATIVE:
         parts = [f"flip {'yes' if m.get('flipped', explanation.flipped) else 'no'}"]
