@@ -72,11 +72,11 @@ LDCE_CLS = MethodDeclaration(
             "39 of the demo's 60 learning images on the shipped denoiser (0.65; bench/bench_demo_flips.py) "
             "and 43 of 60 held-out images of its pairs (0.72, Shirt -> T-shirt 2 of 10; bench/bench_shipped_"
             "methods.py --n 10), below the demo's 90% floor (the paper's own flip ratio is 83.1%, Table 1). "
-            "A "
-            "better conditioned denoiser does not close the gap: trained 12,000 steps instead of 1,500, its "
-            "samples' accuracy rose from 0.63 to 0.94 and the flips fell from 44 and 49. So the demo runs 50 "
-            "DDIM steps with a stronger classifier scale on the raw gradients and no consensus: 58 of the 60 "
-            "(the demo ran it before ldce-cls-fashion-mnist; bench/bench_generative_units.py still does)",
+            "A better conditioned denoiser does not close the gap: trained 12,000 steps instead of 1,500, "
+            "its samples' accuracy rose from 0.63 to 0.94 and the flips fell from 44 and 49. So this variant "
+            "runs 50 DDIM steps with a stronger classifier scale on the raw gradients and no consensus: 58 "
+            "of 60 (the demo ran it before ldce-cls-fashion-mnist; bench/bench_generative_units.py still "
+            "does)",
         ),
         Variant(
             name="ldce-cls-cpu-tiny",
