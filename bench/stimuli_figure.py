@@ -13,6 +13,7 @@ import argparse
 import io
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,24 +31,15 @@ import numpy as np  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from explain.models import Explanation  # noqa: E402
+from explain.precompute.selectors import method_is_generative, stimulus_caption  # noqa: E402
 from studies.models import Condition, Study  # noqa: E402
-
-GENERATIVE = {"c3lt", "slc", "ldce-cls", "ldce-txt", "rcsb"}
 
 
 def caption(explanation: Explanation) -> str:
-    m = explanation.metrics or {}
-    # a variant (ldce-cls-fashion-mnist) is captioned as the method it varies
-    method = (explanation.config or {}).get("declared_method") or explanation.condition.method
-    if method in GENERATIVE or method.split("@")[0] in GENERATIVE:
-        parts = [f"flip {'yes' if m.get('flipped', explanation.flipped) else 'no'}"]
-        if m.get("region_area") is not None:
-            parts.append(f"region {100 * float(m['region_area']):.0f}%")
-        if m.get("l1") is not None:
-            parts.append(f"L1 {float(m['l1']):.3f}")
-        return ", ".join(parts)
-    edits = len(explanation.edits or [])
-    return f"{edits} edit{'s' if edits != 1 else ''}" + (", flips" if explanation.flipped else "")
+    """As the gallery captions it (a variant as the method it varies)."""
+    generative = method_is_generative(explanation.condition.method)
+    flip = "flips" if explanation.flipped else "no flip"
+    return f"{flip}, {stimulus_caption(explanation, generative=generative)}"
 
 
 def read(field) -> np.ndarray:
@@ -75,7 +67,7 @@ def main() -> None:
             rows.append(e)
     if not rows:
         sys.exit(f"study {args.study!r} has no explanations yet; let its precompute finish")
-    fig, axes = plt.subplots(len(rows), 2, figsize=(4.4, 2.25 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(4.4, 2.45 * len(rows)), squeeze=False)
     for e, (left, right) in zip(rows, axes, strict=True):
         for ax, field, side in (
             (left, e.query_stimulus, "query"),
@@ -84,9 +76,10 @@ def main() -> None:
             image = read(field)
             ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
             ax.set_axis_off()
-            ax.set_title(f"{e.condition.method}: {side}" if side == "query" else caption(e), fontsize=8)
+            title = f"{e.condition.method}:\n{side}" if side == "query" else textwrap.fill(caption(e), 30)
+            ax.set_title(title, fontsize=8)
     fig.suptitle(f"{study.title}:\none learning stimulus per method\n({e.pair})", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the three-line title
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     sys.stdout.write(f"wrote {args.out} ({len(rows)} methods)\n")

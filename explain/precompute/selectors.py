@@ -121,15 +121,51 @@ def plan_progress(*, study: Study, window_s: float = 600.0) -> dict[str, Any]:
     }
 
 
+def method_is_generative(method: str) -> bool:
+    """Whether ``method`` (a method or variant name) makes a counterfactual image; False for a name no longer
+    registered (its stored stimuli are still shown)."""
+    try:
+        return registered(method).declaration.kind == "generative"
+    except KeyError:
+        return False
+
+
+def stimulus_caption(explanation: Explanation, *, generative: bool) -> str:
+    """The figures that fit the method, for the gallery and docs/stimuli.png: a generative method's region
+    area, L1, COUT and network evaluations; a cell method's edits (and Same-KP where keypoints exist). Whether
+    it flipped is shown beside it."""
+    m = explanation.metrics or {}
+    if generative:
+        parts = []
+        if m.get("region_area") is not None:
+            parts.append(f"region {100 * float(m['region_area']):.0f}%")
+        if m.get("l1") is not None:
+            parts.append(f"L1 {float(m['l1']):.3f}")
+        if m.get("cout") is not None:
+            parts.append(f"COUT {float(m['cout']):.2f}")
+        if m.get("nfe") is not None:
+            parts.append(f"NFE {int(m['nfe'])}")
+        return ", ".join(parts)
+    edits = int(m.get("n_edits") or 0)
+    text = f"{edits} edit{'s' if edits != 1 else ''}"
+    if m.get("same_kp_first") is not None:
+        text += f", Same-KP {float(m['same_kp_first']):.2f}"
+    return text
+
+
 def condition_gallery(*, study: Study, condition_id: int) -> list[dict[str, Any]]:
-    """The kept explanations of one condition, grouped by class pair, for the researcher's gallery."""
+    """The kept explanations of one condition, grouped by class pair, for the researcher's gallery, each
+    with its caption (``caption``)."""
     explanations = (
         Explanation.objects.filter(study=study, condition=condition_id)
-        .select_related("pair__class_a", "pair__class_b", "query_image")
+        .select_related("pair__class_a", "pair__class_b", "query_image", "condition")
         .order_by("pair_id", "id")
     )
     groups: dict[int, dict[str, Any]] = {}
     for explanation in explanations:
+        explanation.caption = stimulus_caption(
+            explanation, generative=method_is_generative(explanation.condition.method)
+        )
         group = groups.setdefault(explanation.pair_id, {"pair": explanation.pair, "explanations": []})
         group["explanations"].append(explanation)
     return list(groups.values())

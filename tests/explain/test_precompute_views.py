@@ -2,6 +2,7 @@
 retry, the stimulus gallery, the admin action; staff only."""
 
 import io
+import re
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -128,6 +129,33 @@ def test_gallery_shows_the_stimuli_of_one_condition_and_serves_them(researcher_c
     missing = researcher_client.get(reverse("explain:explanation_file", args=[shown[0].pk, "counterfactual"]))
     assert missing.status_code == 404
     assert researcher_client.get(f"/research/explanations/{shown[0].pk}/label.png").status_code == 404
+
+
+def test_the_gallery_captions_each_method_with_the_figures_that_fit_it(researcher_client, study):
+    """Issue 15: generative stimuli were all captioned "0 edits". A generative condition (a variant too)
+    shows region area, L1, COUT and NFE; a cell method its edits; either says whether it flipped."""
+    pair = study.pairs.get()
+    generative = ConditionFactory(study=study, method="ldce-cls-fashion-mnist", setup="random")
+    metrics = {"n_edits": 0, "region_area": 0.3814, "l1": 0.14279, "cout": 0.3078, "nfe": 220}
+    flipped = ExplanationFactory(study=study, pair=pair, condition=generative, metrics=metrics)
+    unflipped = ExplanationFactory(
+        study=study, pair=pair, condition=generative, metrics=metrics, flipped=False
+    )
+    cell = ExplanationFactory(
+        study=study, pair=pair, condition=study.conditions.get(method="cve", setup="random"),
+        metrics={"n_edits": 1},
+    )  # fmt: skip
+
+    def caption(condition, explanation) -> str:
+        html = researcher_client.get(
+            reverse("explain:gallery", args=[study.pk]), {"condition": condition.pk}
+        ).content.decode()
+        figure = html.split(f'id="explanation-{explanation.pk}"', 1)[1].split("</figure>", 1)[0]
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", figure.split("<figcaption>", 1)[1])).strip()
+
+    assert caption(generative, flipped) == "flips, region 38%, L1 0.143, COUT 0.31, NFE 220"
+    assert caption(generative, unflipped) == "no flip, region 38%, L1 0.143, COUT 0.31, NFE 220"
+    assert caption(cell.condition, cell) == "flips, 1 edit"
 
 
 def test_pages_are_for_staff_only(client, study):
