@@ -1,8 +1,8 @@
 """One learning stimulus per method of the demo study, as one figure (the README shows it).
 
 Reads the study that `make demo` built (the random setup's first explanation of each method) and writes a
-PNG: per method the query (class A) and distractor (class B) stimuli as raters see them, with the figures
-that fit the method: edits for cell methods; flip, region area and L1 for generative ones.
+PNG: per method the query (class A) and distractor (class B) stimuli as raters see them, captioned as the
+gallery captions them (``explain.precompute.selectors.stimulus_caption``).
 
     .venv/bin/python bench/stimuli_figure.py [--study "Fashion-MNIST demo (full)"] [--out docs/stimuli.png]
 """

@@ -1,52 +1,27 @@
 """A real Celery worker process on Redis runs a job and writes its outcome to the test database."""
 
-import os
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import connection
 
 from explain.models import Dataset, Job
 from explain.services import job_create
+from tests.explain.precompute_helpers import Worker
 from tests.factories import ClassLabelFactory, DatasetFactory, ImageFactory
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def worker_queue(django_db_setup, django_db_blocker, tmp_path_factory):
     """Start ``celery worker`` on a queue of its own, pointed at the test database; yield the queue name."""
     queue = f"test-{uuid.uuid4().hex[:10]}"
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "DATABASE_URL": f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "FOIL_BROKER_NAMESPACE": settings.FOIL_BROKER_NAMESPACE,  # the test database has another name
-        "FOIL_TEST_MEDIA_ROOT": str(settings.MEDIA_ROOT),
-    }
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    log = log_path.open("w")
-    command = [sys.executable, "-m", "celery", "-A", "config.celery_app", "worker", "-Q", queue]
-    command += ["--pool=solo", "-n", f"{queue}@%h", "--loglevel=info", "--without-gossip", "--without-mingle"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while "ready." not in log_path.read_text():
-        assert process.poll() is None, f"the worker exited early:\n{log_path.read_text()}"
-        assert time.monotonic() < deadline, f"the worker did not start within 60 s:\n{log_path.read_text()}"
-        time.sleep(0.2)
+    worker = Worker(queue, tmp_path_factory.mktemp("worker") / "worker.log")
+    worker.start()
     yield queue
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    worker.stop()
 
 
 def wait_for_job(job: Job, timeout: float = 60) -> Job:
@@ -100,8 +75,6 @@ def test_a_worker_of_another_installation_on_the_same_redis_leaves_our_tasks(tra
     and fail them on the wrong database. A worker of another namespace, listening on the very queue, leaves
     the job waiting in our namespace's queue; a worker of ours then runs it."""
     import redis
-
-    from tests.explain.precompute_helpers import Worker
 
     queue = f"test-{uuid.uuid4().hex[:10]}"
     stranger = Worker(
